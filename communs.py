@@ -17,7 +17,6 @@ COMMANDS = {
     "train": "train.cli",
     "eval": "eval.cli",
     "generate": "eval.cli",
-    "export": "release.cli",
     "slurm": "slurm.cli",
     "demo": "release.demo",
 }

@@ -1,0 +1,99 @@
+"""`communs generate` (answer prompts with an exported model) and `communs eval` (maths accuracy)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from communs import UserError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="answer prompts with an exported model")
+    g.add_argument("model", help="an export folder (RUN/export/<phase>)")
+    g.add_argument("prompts", nargs="+", help="one or more prompts")
+    g.add_argument("--plain", action="store_true", help="continue raw text instead of a chat turn")
+    g.add_argument("--system", help="a system message for chat prompts")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=_generate)
+
+    e = sub.add_parser("eval", help="maths accuracy of an exported model on a question/answer jsonl file")
+    e.add_argument("model", help="an export folder (RUN/export/<phase>)")
+    e.add_argument("--data", required=True, help='jsonl with {"question", "answer"} (GSM8K format)')
+    e.add_argument("--limit", type=int, default=50, help="first N questions")
+    e.add_argument("--max-new-tokens", type=int, default=128)
+    e.add_argument("--out", help="write the per-question results and the accuracy here (JSON)")
+    e.set_defaults(func=_eval)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from eval.generation import answer, load_model
+
+    model, tok = load_model(args.model)
+    outs = answer(
+        model,
+        tok,
+        args.prompts,
+        chat=not args.plain,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    for prompt, out in zip(args.prompts, outs):
+        print(f"> {prompt}\n{out}\n")
+    return 0
+
+
+def read_qa(path: str | os.PathLike, limit: int) -> list[dict]:
+    """Question/answer records from a jsonl file, with file:line errors."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if len(records) >= limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+            if not isinstance(rec, dict) or "question" not in rec or "answer" not in rec:
+                raise UserError(f'{path}:{n}: expected an object with "question" and "answer"')
+            records.append(rec)
+    if not records:
+        raise UserError(f"{path}: no questions")
+    return records
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from eval.generation import answer, load_model
+    from eval.maths import is_correct
+
+    records = read_qa(args.data, args.limit)
+    model, tok = load_model(args.model)
+    outs = answer(model, tok, [r["question"] for r in records], max_new_tokens=args.max_new_tokens)
+    rows = [
+        {"question": r["question"], "reference": r["answer"], "output": o, "correct": is_correct(o, r["answer"])}
+        for r, o in zip(records, outs)
+    ]
+    accuracy = sum(r["correct"] for r in rows) / len(rows)
+    print(f"maths accuracy: {accuracy:.3f} ({sum(r['correct'] for r in rows)}/{len(rows)})")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"accuracy": accuracy, "n": len(rows), "results": rows}, f, indent=1, ensure_ascii=False)
+        os.replace(tmp, out)
+    return 0
