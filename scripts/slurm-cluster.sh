@@ -116,7 +116,7 @@ EOF
     echo "PartitionName=$PARTITION Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO"
   } >"$STATE/slurm.conf.new"
   mv "$STATE/slurm.conf.new" "$STATE/slurm.conf"
-  : >"$STATE/cgroup.conf"
+
 
   # Never overwrite the configuration of a real cluster: only a missing file or one of ours is replaced.
   mkdir -p "$(dirname "$SYSTEM_CONF")"

@@ -1,0 +1,204 @@
+"""Training step of our Transformer vs transformers' LlamaForCausalLM on CPU, side by side in one run.
+
+Same config (~25M parameters: vocab 16384, d 384, 6 layers, 6 heads, 2 KV heads, SwiGLU 1024), same
+weights (copied through model.hf.to_hf, logits and loss checked equal first), fp32, 2 threads, batch 8 x
+seq 256, AdamW. Contestants alternate within each round and the order rotates every round; each figure
+is a per-round paired ratio (median and min-max over rounds), because this machine is noisy and shared.
+
+Printed:
+- step speed: HF step time / our step time (eager, and with ModelConfig.compile=True);
+- "CPU MFU": model FLOP/s (flops_per_token x tokens / step time) / fp32 matmul FLOP/s, the matmul (a
+  2048^3 fp32 matmul) timed in the same rounds;
+- peak memory: the rise of the process's peak RSS during one training step (VmHWM reset through
+  /proc/self/clear_refs, freed memory returned with malloc_trim first), ours / HF;
+- the loss alone at vocab 65024 (2048 tokens, d 384): fused chunked linear + cross-entropy vs the naive
+  logits + F.cross_entropy, forward + backward, peak memory and time.
+
+Run: `python benchmarks/bench_model.py [--rounds 5] [--steps 2] [--no-compile]` (a few minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import gc
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from model.hf import hf_config, to_hf  # noqa: E402
+from model.llama import ModelConfig, Transformer, cross_entropy_reference, flops_per_token  # noqa: E402
+from model.ops import linear_cross_entropy  # noqa: E402
+
+CFG = ModelConfig(
+    dim=384, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=1024, vocab_size=16384, max_seq_len=256
+)
+BATCH, SEQ = 8, 256
+LIBC = ctypes.CDLL("libc.so.6")
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def peak_rss_rise_mib(fn: Callable[[], None]) -> float:
+    """How far the process's resident memory rises above its starting point while fn runs."""
+    gc.collect()
+    LIBC.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+    base = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - base) / 1024
+
+
+class Contestant:
+    def __init__(self, name: str, model: torch.nn.Module, step_loss: Callable[[], torch.Tensor]):
+        self.name, self.model, self.step_loss = name, model, step_loss
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+
+    def step(self) -> None:
+        loss = self.step_loss()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def build(compile_ours: bool) -> tuple[list[Contestant], torch.Tensor]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, CFG.vocab_size, (BATCH, SEQ + 1))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    ours = Transformer(CFG)
+    d = hf_config(CFG, torch_dtype="float32")
+    d.pop("architectures"), d.pop("model_type")
+    hf = LlamaForCausalLM(LlamaConfig(**d, attn_implementation="sdpa"))
+    hf.load_state_dict(to_hf(ours.state_dict(), CFG))
+    hf.config.use_cache = False
+    with torch.no_grad():  # same weights, same function: check before timing anything
+        diff = (ours(inputs).logits - hf(inputs).logits).abs().max().item()
+        loss_ours, loss_hf = ours(inputs, targets=targets).loss.item(), hf(ids, labels=ids).loss.item()
+    assert diff < 1e-4 and abs(loss_ours - loss_hf) < 1e-5, (diff, loss_ours, loss_hf)
+    print(f"same weights: max |logits diff| {diff:.1e}, loss {loss_ours:.6f} vs {loss_hf:.6f}")
+    contestants = [
+        Contestant("ours", ours, lambda: ours(inputs, targets=targets).loss),
+        Contestant("hf", hf, lambda: hf(ids, labels=ids).loss),  # HF shifts the labels itself
+    ]
+    if compile_ours:
+        compiled = Transformer(dataclasses.replace(CFG, compile=True))
+        compiled.load_state_dict(ours.state_dict())
+        contestants.append(Contestant("ours+compile", compiled, lambda: compiled(inputs, targets=targets).loss))
+    return contestants, ids
+
+
+def time_matmul() -> float:
+    """fp32 matmul FLOP/s on this machine now (2048^3, best of 3)."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * 2048**3 / best
+
+
+def summary(values: list[float]) -> str:
+    return f"{statistics.median(values):6.2f}  [{min(values):.2f} - {max(values):.2f}]"
+
+
+def loss_memory() -> dict[str, tuple[float, float]]:
+    """Peak RSS rise (MiB) and time (s) of the loss alone, forward + backward, at vocab 65024."""
+    V, N, D = 65024, BATCH * SEQ, CFG.dim
+    torch.manual_seed(0)
+    w = (torch.randn(V, D) * 0.02).requires_grad_(True)
+    h = torch.randn(N, D).requires_grad_(True)
+    t = torch.randint(0, V, (N,))
+    fns = {
+        "fused": lambda: linear_cross_entropy(h, w, t, "torch").backward(),
+        "naive": lambda: cross_entropy_reference(h, w, t).backward(),
+    }
+    out: dict[str, list[tuple[float, float]]] = {k: [] for k in fns}
+    for r in range(3):
+        for name in list(fns)[r % 2 :] + list(fns)[: r % 2]:
+            w.grad = h.grad = None
+            start = time.perf_counter()
+            mib = peak_rss_rise_mib(fns[name])
+            out[name].append((mib, time.perf_counter() - start))
+    return {k: (statistics.median(m for m, _ in v), statistics.median(s for _, s in v)) for k, v in out.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per contestant per round")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contestant")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    n_params = sum(p.numel() for p in Transformer(CFG).parameters())
+    print(f"config: {n_params / 1e6:.1f}M params, batch {BATCH} x seq {SEQ}, fp32, 2 threads, AdamW")
+
+    contestants, _ = build(compile_ours=not args.no_compile)
+    for c in contestants:  # warm-up: allocator, optimizer state, compilation
+        t = time.perf_counter()
+        c.step()
+        c.step()
+        print(f"warm-up {c.name}: {time.perf_counter() - t:.1f} s")
+
+    flops_per_step = flops_per_token(CFG, SEQ) * BATCH * SEQ
+    times: dict[str, list[float]] = {c.name: [] for c in contestants}
+    matmul: list[float] = []
+    for r in range(args.rounds):
+        order = contestants[r % len(contestants) :] + contestants[: r % len(contestants)]
+        matmul.append(time_matmul())
+        for c in order:
+            t = time.perf_counter()
+            for _ in range(args.steps):
+                c.step()
+            times[c.name].append((time.perf_counter() - t) / args.steps)
+        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
+
+    memory: dict[str, list[float]] = {c.name: [] for c in contestants}
+    for r in range(2):
+        for c in contestants[r % len(contestants) :] + contestants[: r % len(contestants)]:
+            memory[c.name].append(peak_rss_rise_mib(c.step))
+    loss_mem = loss_memory()
+
+    hf_t = times["hf"]
+    rows = [("step speed: hf time / ours (eager)", [h / o for h, o in zip(hf_t, times["ours"])], "goal >= 1.3")]
+    if "ours+compile" in times:
+        rows.append(("step speed: hf time / ours+compile", [h / o for h, o in zip(hf_t, times["ours+compile"])], "stretch 1.5"))
+    for name in times:
+        mfu = [flops_per_step / t / m for t, m in zip(times[name], matmul)]
+        rows.append((f"model FLOP/s / matmul FLOP/s: {name}", mfu, "goal >= 0.7" if name != "hf" else ""))
+    print()
+    print(f"{'measure (per-round ratios)':<44} {'median  [min - max]':<22} goal")
+    for label, values, goal in rows:
+        print(f"{label:<44} {summary(values):<22} {goal}")
+    mem_ours, mem_hf = statistics.median(memory["ours"]), statistics.median(memory["hf"])
+    print(f"{'peak step memory ours / hf':<44} {mem_ours / mem_hf:6.2f}  ({mem_ours:.0f} vs {mem_hf:.0f} MiB)  goal <= 0.6")
+    if "ours+compile" in memory:
+        mc = statistics.median(memory["ours+compile"])
+        print(f"{'peak step memory ours+compile / hf':<44} {mc / mem_hf:6.2f}  ({mc:.0f} vs {mem_hf:.0f} MiB)")
+    (fm, ft), (nm, nt) = loss_mem["fused"], loss_mem["naive"]
+    print(f"{'loss V=65024: memory fused / naive':<44} {fm / nm:6.2f}  ({fm:.0f} vs {nm:.0f} MiB)")
+    print(f"{'loss V=65024: time naive / fused':<44} {nt / ft:6.2f}  ({nt:.2f} vs {ft:.2f} s)")
+    print(f"matmul fp32 2048^3: {statistics.median(matmul) / 1e9:.0f} GFLOP/s (median over rounds)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Exact and near-duplicate removal over the whole corpus, in a deterministic order.
+
+Exact: the sha256 of a document's text. Near: MinHash signatures over word n-gram shingles
+(datasketch), candidates from an LSH index at the configured Jaccard threshold, each confirmed by
+the signatures' own Jaccard estimate. The first document (in corpus order: sources as declared,
+then files, then records) is kept; later ones are removed naming the one they duplicate.
+Signatures are computed in parallel; the index is filled in one pass so the outcome does not
+depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# datasketch's default seed; fixed so that signatures are reproducible across runs and versions.
+MINHASH_SEED = 1
+
+
+def shingles(text: str, size: int) -> list[bytes]:
+    words = text.lower().split()
+    if len(words) <= size:
+        return [" ".join(words).encode("utf-8")]
+    return [" ".join(words[i : i + size]).encode("utf-8") for i in range(len(words) - size + 1)]
+
+
+def signature(text: str, num_perm: int, size: int) -> np.ndarray:
+    """The MinHash signature (num_perm,) uint64 of a text's word shingles."""
+    from datasketch import MinHash
+
+    m = MinHash(num_perm=num_perm, seed=MINHASH_SEED)
+    m.update_batch(shingles(text, size))
+    return m.hashvalues.copy()
+
+
+def find_duplicates(
+    items: list[tuple[str, str, np.ndarray | None]], threshold: float, num_perm: int
+) -> dict[int, tuple[str, str]]:
+    """items: (doc id, sha256 of its text, signature or None when near-dedup is off for it).
+
+    Returns {index: (rule, id of the earlier document it duplicates)} for the items to remove.
+    """
+    from datasketch import MinHash, MinHashLSH
+
+    removed: dict[int, tuple[str, str]] = {}
+    first_by_hash: dict[str, str] = {}
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    kept_sigs: dict[str, MinHash] = {}
+    order: dict[str, int] = {}
+    for i, (doc_id, sha, sig) in enumerate(items):
+        if sha is not None:
+            if sha in first_by_hash:
+                removed[i] = ("dedup.exact", first_by_hash[sha])
+                continue
+            first_by_hash[sha] = doc_id
+        if sig is None:
+            continue
+        m = MinHash(num_perm=num_perm, seed=MINHASH_SEED, hashvalues=sig)
+        # Candidates are confirmed by the estimate, then the earliest one is named.
+        matches = [c for c in lsh.query(m) if kept_sigs[c].jaccard(m) >= threshold]
+        if matches:
+            removed[i] = ("dedup.near", min(matches, key=lambda c: order[c]))
+            continue
+        lsh.insert(doc_id, m)
+        kept_sigs[doc_id] = m
+        order[doc_id] = i
+    return removed

@@ -1,0 +1,423 @@
+"""The per-document stages of the curation pipeline, each a plain function.
+
+A stage takes a `Doc` (modifying its text for the transforming stages) and its parameters, and
+returns None to keep the document or the name of the rule that removes it (e.g.
+"quality.min_words"). Parameters come from the sources file (`pipeline.<stage>`, overridden per
+source under `sources[i].stages`); `STAGE_DEFAULTS` lists every parameter a stage takes.
+The global stages (dedup, licence) live in corpus/dedup.py and corpus/pipeline.py.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import hashlib
+import ipaddress
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+
+DEFAULT_ORDER = ("normalise", "quality", "langid", "toxicity", "pii", "dedup", "optout", "licence")
+
+# Bump a stage's version when its behaviour changes: it is written into the manifest.
+STAGE_VERSIONS = {
+    "normalise": 1, "quality": 1, "langid": 1, "toxicity": 1, "pii": 1, "dedup": 1, "optout": 1, "licence": 1,
+}  # fmt: skip
+
+STAGE_DEFAULTS: dict[str, dict] = {
+    "normalise": {"enabled": True, "form": "NFC", "max_blank_lines": 1},
+    # Gopher (Rae et al. 2021) and C4 heuristics; thresholds are theirs unless noted.
+    "quality": {
+        "enabled": True,
+        "min_words": 50,
+        "max_words": 100_000,
+        "min_mean_word_length": 3.0,
+        "max_mean_word_length": 10.0,
+        "max_symbol_word_ratio": 0.1,  # '#' and '…' / '...' per word
+        "max_bullet_lines": 0.9,
+        "max_ellipsis_lines": 0.3,
+        "min_alpha_words": 0.8,  # words holding at least one letter
+        "max_digit_ratio": 0.15,  # digits / characters (C4-style; off for maths with 1.0)
+        "min_stop_words": 2,  # stop words of the source's languages (fr, en)
+        "max_dup_line_fraction": 0.3,
+        "max_dup_line_char_fraction": 0.2,
+        "max_top_2gram": 0.2,
+        "max_top_3gram": 0.18,
+        "max_top_4gram": 0.16,
+        "max_dup_5gram": 0.15,
+        "max_dup_7gram": 0.13,
+        "max_dup_10gram": 0.10,
+    },
+    "langid": {"enabled": True, "min_prob": 0.5, "max_chars": 3000},
+    "toxicity": {"enabled": True, "wordlist": "default", "max_ratio": 0.002, "min_count": 3},
+    "pii": {"enabled": True, "kinds": ["email", "phone", "iban", "nir", "ip"], "replacement": "<{KIND}>"},
+    "dedup": {"enabled": True, "exact": True, "near": True, "threshold": 0.8, "num_perm": 128, "shingle": 5},
+    # Opt-out and the licence policy cannot be turned off: they take no parameters.
+    "optout": {},
+    "licence": {},
+}
+
+
+@dataclass
+class Doc:
+    """One document (or chunk of a long one) on its way through the pipeline."""
+
+    id: str
+    source: str
+    parent: str  # id of the document it was cut from (itself when not chunked)
+    raw_sha256: str  # sha256 of the parent document's text as read (opt-out by content hash)
+    text: str | None = None  # kind "text"
+    messages: list[dict] | None = None  # kind "chat": [{"role", "content"}]
+    meta: dict = field(default_factory=dict)  # author, title, url … (from metadata.csv or fields)
+    pii: dict[str, int] = field(default_factory=dict)
+
+    def content(self) -> str:
+        """The text the filters look at (a chat's message contents, one per line)."""
+        if self.messages is None:
+            return self.text or ""
+        return "\n".join(m["content"] for m in self.messages)
+
+    def map_text(self, fn) -> None:
+        if self.messages is None:
+            self.text = fn(self.text or "")
+        else:
+            self.messages = [{**m, "content": fn(m["content"])} for m in self.messages]
+
+    def sha256(self) -> str:
+        """Hash of the final text; for chat documents, of the roles and contents."""
+        if self.messages is None:
+            data = (self.text or "").encode("utf-8")
+        else:
+            data = "\x1e".join(f"{m['role']}\x1f{m['content']}" for m in self.messages).encode("utf-8")
+        return hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------------------------ normalise
+
+# Line separators other than \n (NEL, LINE/PARAGRAPH SEPARATOR, lone CR) all become \n.
+_LINE_BREAKS = re.compile(r"\r\n|[\r\x85\u2028\u2029\x0b\x0c]")
+# Control and format characters that carry nothing (keep \n and \t, turned into space below).
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f\u200b\ufeff]")
+_SPACES = re.compile(r"[ \t]+")
+
+
+def normalise_text(text: str, form: str = "NFC", max_blank_lines: int = 1) -> str:
+    text = unicodedata.normalize(form, text)
+    text = _CONTROL.sub("", _LINE_BREAKS.sub("\n", text))
+    lines = [_SPACES.sub(" ", line).strip(" ") for line in text.split("\n")]
+    out: list[str] = []
+    blank = 0
+    for line in lines:
+        blank = blank + 1 if not line else 0
+        if blank <= max_blank_lines:
+            out.append(line)
+    return "\n".join(out).strip("\n")
+
+
+def normalise(doc: Doc, p: dict, ctx: StageContext) -> str | None:
+    doc.map_text(lambda t: normalise_text(t, p["form"], p["max_blank_lines"]))
+    if not doc.content().strip():
+        return "normalise.empty"
+    return None
+
+
+# -------------------------------------------------------------------------------------- quality
+
+STOP_WORDS = {
+    "fr": set(
+        "le la les de des du un une et est en que qui dans pour pas sur au aux il elle ils elles "
+        "ne se ce son sa ses par plus avec nous vous je tu on mais ou donc car cette été être a".split()
+    ),
+    "en": set(
+        "the be to of and that have with a an in is it for not on as was are this by from at "
+        "or his her but they we you he she".split()
+    ),
+}
+_BULLET = re.compile(r"^\s*[-*•‣◦▪–]\s")
+_STRIP_PUNCT = re.compile(r"^\W+|\W+$")
+
+
+def _ngram_hashes(word_ids: np.ndarray, n: int) -> np.ndarray:
+    """A 64-bit hash per n-gram of `word_ids` (rolling polynomial; collisions are negligible)."""
+    h = np.zeros(len(word_ids) - n + 1, dtype=np.uint64)
+    for k in range(n):
+        h = h * np.uint64(1_000_003) + word_ids[k : len(word_ids) - n + 1 + k].astype(np.uint64)
+    return h
+
+
+def quality_rule(text: str, p: dict, languages: list[str]) -> str | None:
+    """The first Gopher/C4 rule that `text` breaks, or None."""
+    words = text.split()
+    n = len(words)
+    if n < p["min_words"]:
+        return "quality.min_words"
+    if n > p["max_words"]:
+        return "quality.max_words"
+    lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=n)
+    mean_len = lengths.mean()
+    if not p["min_mean_word_length"] <= mean_len <= p["max_mean_word_length"]:
+        return "quality.mean_word_length"
+    symbols = text.count("#") + text.count("…") + text.count("...")
+    if symbols / n > p["max_symbol_word_ratio"]:
+        return "quality.symbol_ratio"
+    lines = [line for line in text.split("\n") if line.strip()]
+    if lines:
+        if sum(1 for line in lines if _BULLET.match(line)) / len(lines) > p["max_bullet_lines"]:
+            return "quality.bullet_lines"
+        if sum(1 for line in lines if line.rstrip().endswith(("…", "..."))) / len(lines) > p["max_ellipsis_lines"]:
+            return "quality.ellipsis_lines"
+        seen: set[str] = set()
+        dup_lines = dup_chars = 0
+        for line in lines:
+            if line in seen:
+                dup_lines += 1
+                dup_chars += len(line)
+            seen.add(line)
+        if dup_lines / len(lines) > p["max_dup_line_fraction"]:
+            return "quality.dup_lines"
+        if dup_chars / max(1, sum(len(line) for line in lines)) > p["max_dup_line_char_fraction"]:
+            return "quality.dup_line_chars"
+    if sum(1 for w in words if any(c.isalpha() for c in w)) / n < p["min_alpha_words"]:
+        return "quality.alpha_words"
+    if sum(c.isdigit() for c in text) / max(1, len(text)) > p["max_digit_ratio"]:
+        return "quality.digit_ratio"
+    stop = set().union(*(STOP_WORDS.get(lang, set()) for lang in languages))
+    if stop:
+        hits = sum(1 for w in words if _STRIP_PUNCT.sub("", w.lower()) in stop)
+        if hits < p["min_stop_words"]:
+            return "quality.stop_words"
+    # Repetition (Gopher): words → ids, n-grams → 64-bit hashes, counted with numpy.
+    vocab: dict[str, int] = {}
+    ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.int64, count=n)
+    total_chars = lengths.sum()
+    for size in (2, 3, 4):
+        if n >= size:
+            h = _ngram_hashes(ids, size)
+            uniq, first, counts = np.unique(h, return_index=True, return_counts=True)
+            top = np.argmax(counts)
+            if counts[top] > 1:
+                chars = lengths[first[top] : first[top] + size].sum() * counts[top]
+                if chars / total_chars > p[f"max_top_{size}gram"]:
+                    return f"quality.top_{size}gram"
+    for size in (5, 7, 10):
+        if n >= size:
+            h = _ngram_hashes(ids, size)
+            _, first = np.unique(h, return_index=True)
+            repeated = np.ones(len(h), dtype=bool)
+            repeated[first] = False  # first occurrences are not duplicates
+            covered = np.convolve(repeated.astype(np.int64), np.ones(size, dtype=np.int64))[:n] > 0
+            if lengths[covered].sum() / total_chars > p[f"max_dup_{size}gram"]:
+                return f"quality.dup_{size}gram"
+    return None
+
+
+def quality(doc: Doc, p: dict, ctx: StageContext) -> str | None:
+    return quality_rule(doc.content(), p, ctx.languages)
+
+
+# --------------------------------------------------------------------------------------- langid
+
+
+@functools.cache
+def _language_identifier():
+    # py3langid ships its model in the wheel: nothing is downloaded.
+    from py3langid.langid import MODEL_DIR, MODEL_FILE, LanguageIdentifier
+
+    return LanguageIdentifier.from_modelpath(Path(MODEL_DIR) / MODEL_FILE, norm_probs=True)
+
+
+def detect_language(text: str, max_chars: int = 3000) -> tuple[str, float]:
+    lang, prob = _language_identifier().classify(text[:max_chars])
+    return str(lang), float(prob)
+
+
+def langid(doc: Doc, p: dict, ctx: StageContext) -> str | None:
+    lang, prob = detect_language(doc.content(), p["max_chars"])
+    if lang not in ctx.languages:
+        return "langid.other_language"
+    if prob < p["min_prob"]:
+        return "langid.low_confidence"
+    return None
+
+
+# ------------------------------------------------------------------------------------- toxicity
+
+DEFAULT_WORDLIST = Path(__file__).with_name("data") / "toxic_words.txt"
+_WORD = re.compile(r"\w+(?:['’]\w+)*")
+
+
+def _fold(word: str) -> str:
+    """Lower-case without accents, so that 'Pédé' and 'pede' match the same list entry."""
+    return "".join(c for c in unicodedata.normalize("NFD", word.lower()) if not unicodedata.combining(c))
+
+
+@functools.cache
+def load_wordlist(path: str) -> frozenset[str]:
+    words = set()
+    for line in Path(path).read_text(encoding="utf-8").split("\n"):
+        line = line.split("#", 1)[0].strip()
+        if line:
+            words.add(_fold(line))
+    return frozenset(words)
+
+
+def wordlist_path(p: dict, base: Path | None = None) -> Path:
+    if p["wordlist"] == "default":
+        return DEFAULT_WORDLIST
+    path = Path(p["wordlist"])
+    return path if path.is_absolute() or base is None else base / path
+
+
+def toxicity(doc: Doc, p: dict, ctx: StageContext) -> str | None:
+    listed = load_wordlist(str(ctx.wordlist))
+    words = _WORD.findall(doc.content())
+    hits = sum(1 for w in words if _fold(w) in listed)
+    if hits >= p["min_count"] and hits / max(1, len(words)) > p["max_ratio"]:
+        return "toxicity.wordlist"
+    return None
+
+
+# ------------------------------------------------------------------------------------------ PII
+
+_EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+# IBAN: country, check digits, then 11–30 alphanumerics, optionally in groups of 4.
+_IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?:[ ]?[A-Z0-9]{4}){2,7}(?:[ ]?[A-Z0-9]{1,4})?\b")
+# NIR (French social security number): sex, year, month, department (2A/2B for Corsica),
+# commune, order, then the 2-digit key.
+_NIR = re.compile(
+    r"\b[12][ .]?\d{2}[ .]?(?:0[1-9]|1[0-2]|[2-9]\d)[ .]?(?:\d{2}|2[AB])[ .]?\d{3}[ .]?\d{3}[ .]?(\d{2})\b"
+)
+# French numbers: 0X XX XX XX XX, +33 X XX XX XX XX, 0033 …; international: + then 7–15 digits.
+_PHONE_FR = re.compile(r"(?<![\w+])(?:(?:\+|00)33[ .-]?(?:\(0\)[ .-]?)?|0)[1-9](?:[ .-]?\d{2}){4}(?!\d)")
+_PHONE_INTL = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}(?!\d)")
+_IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])")
+_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
+
+
+def iban_valid(candidate: str) -> bool:
+    """ISO 13616 check: move the first 4 characters to the end, letters → numbers, mod 97 == 1."""
+    s = candidate.replace(" ", "")
+    if not 15 <= len(s) <= 34:
+        return False
+    digits = "".join(str(int(c, 36)) for c in s[4:] + s[:4])
+    return int(digits) % 97 == 1
+
+
+def nir_valid(candidate: str) -> bool:
+    """The key is 97 − (the 13 first digits mod 97); Corsica's 2A/2B count as 19/18."""
+    s = re.sub(r"[ .]", "", candidate)
+    body, key = s[:13], s[13:]
+    body = body.replace("2A", "19").replace("2B", "18")
+    return len(key) == 2 and body.isdigit() and 97 - int(body) % 97 == int(key)
+
+
+def _ipv6_valid(candidate: str) -> bool:
+    if candidate.count(":") < 2 or not any(c.isalnum() for c in candidate):
+        return False
+    try:
+        ipaddress.IPv6Address(candidate)
+    except ValueError:
+        return False
+    return True
+
+
+# Order matters: IBANs and NIRs contain digit runs that the phone patterns would also take.
+_PII_PATTERNS = [
+    ("email", _EMAIL, None),
+    ("iban", _IBAN, iban_valid),
+    ("nir", _NIR, nir_valid),
+    ("ip", _IPV6, _ipv6_valid),
+    ("ip", _IPV4, None),
+    ("phone", _PHONE_FR, None),
+    ("phone", _PHONE_INTL, lambda s: 7 <= sum(c.isdigit() for c in s) <= 15),
+]
+
+
+def redact_pii(text: str, kinds: list[str], replacement: str = "<{KIND}>") -> tuple[str, dict[str, int]]:
+    """Replace each PII match by `replacement` (formatted with kind / KIND); count them per kind."""
+    counts: dict[str, int] = {}
+    for kind, pattern, valid in _PII_PATTERNS:
+        if kind not in kinds:
+            continue
+
+        def sub(m: re.Match, kind=kind, valid=valid) -> str:
+            if valid is not None and not valid(m.group(0)):
+                return m.group(0)
+            counts[kind] = counts.get(kind, 0) + 1
+            return replacement.format(kind=kind, KIND=kind.upper())
+
+        text = pattern.sub(sub, text)
+    return text, counts
+
+
+def pii(doc: Doc, p: dict, ctx: StageContext) -> str | None:
+    def redact(text: str) -> str:
+        text, counts = redact_pii(text, p["kinds"], p["replacement"])
+        for kind, n in counts.items():
+            doc.pii[kind] = doc.pii.get(kind, 0) + n
+        return text
+
+    doc.map_text(redact)
+    return None
+
+
+# --------------------------------------------------------------------------------------- opt-out
+
+
+@dataclass(frozen=True)
+class OptOutSet:
+    """Opt-out entries, grouped for fast matching."""
+
+    doc_ids: frozenset[str] = frozenset()
+    sha256: frozenset[str] = frozenset()
+    authors: frozenset[str] = frozenset()  # case-folded
+    urls: tuple[str, ...] = ()  # fnmatch patterns on the full URL
+    domains: tuple[str, ...] = ()  # fnmatch patterns on the host name
+
+    def match(self, doc_id: str, parent: str, shas: tuple[str, ...], author: str | None, url: str | None) -> str | None:
+        """The opt-out rule matching this document, or None."""
+        if doc_id in self.doc_ids or parent in self.doc_ids:
+            return "optout.doc_id"
+        if any(s in self.sha256 for s in shas):
+            return "optout.sha256"
+        if author and author.casefold() in self.authors:
+            return "optout.author"
+        if url:
+            if any(fnmatch.fnmatch(url, pat) for pat in self.urls):
+                return "optout.url"
+            host = urlsplit(url).hostname or ""
+            if any(fnmatch.fnmatch(host, pat) for pat in self.domains):
+                return "optout.domain"
+        return None
+
+
+def optout(doc: Doc, p: dict, ctx: StageContext) -> str | None:
+    return ctx.optout.match(
+        doc.id, doc.parent, (doc.sha256(), doc.raw_sha256), doc.meta.get("author"), doc.meta.get("url")
+    )
+
+
+# ------------------------------------------------------------------------------------- registry
+
+
+@dataclass
+class StageContext:
+    """What the per-document stages need besides the document: resolved once per source."""
+
+    languages: list[str]
+    wordlist: Path = DEFAULT_WORDLIST
+    optout: OptOutSet = field(default_factory=OptOutSet)
+
+
+PER_DOC_STAGES = {
+    "normalise": normalise,
+    "quality": quality,
+    "langid": langid,
+    "toxicity": toxicity,
+    "pii": pii,
+    "optout": optout,
+}

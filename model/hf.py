@@ -1,0 +1,221 @@
+"""Conversion between our state dict / config and Hugging Face `LlamaForCausalLM`.
+
+Weights need renaming only, no reshaping: our RoPE uses the same "rotate_half" layout as Hugging Face
+Llama (the two halves of a head are rotated together), so q/k projections are stored as transformers
+expects them. (Meta's original checkpoints use the interleaved layout; converting those needs the
+permutation in transformers' convert_llama_weights_to_hf.py, which we never need.)
+
+With tied embeddings the Hugging Face state dict has no `lm_head.weight` (transformers ties it on load
+from `tie_word_embeddings`; safetensors refuses two names for one tensor).
+
+The config's `vocab_size` is our padded vocabulary (the matrices' real row count); padded ids are
+never produced by our tokenizer and never targets.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from model.llama import ModelConfig, RopeScaling
+
+# our name pattern -> Hugging Face name pattern ({i} = layer index)
+_LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our parameter names and shapes for cfg (output.weight included even when tied)."""
+    D, F_, V, Dh = cfg.dim, cfg.ffn_dim, cfg.padded_vocab_size, cfg.head_dim
+    layer = {
+        "attention.wq.weight": (cfg.n_heads * Dh, D),
+        "attention.wk.weight": (cfg.n_kv_heads * Dh, D),
+        "attention.wv.weight": (cfg.n_kv_heads * Dh, D),
+        "attention.wo.weight": (D, cfg.n_heads * Dh),
+        "feed_forward.w1.weight": (F_, D),
+        "feed_forward.w3.weight": (F_, D),
+        "feed_forward.w2.weight": (D, F_),
+        "attention_norm.weight": (D,),
+        "ffn_norm.weight": (D,),
+    }
+    shapes = {"tok_embeddings.weight": (V, D), "norm.weight": (D,), "output.weight": (V, D)}
+    for i in range(cfg.n_layers):
+        shapes.update({f"layers.{i}.{k}": s for k, s in layer.items()})
+    return shapes
+
+
+def _hf_name(ours: str) -> str:
+    if ours in _TOP_NAMES:
+        return _TOP_NAMES[ours]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", ours)
+    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+
+
+def _check_keys(given: set[str], wanted: set[str], side: str) -> None:
+    missing, unexpected = sorted(wanted - given), sorted(given - wanted)
+    if missing:
+        raise ValueError(f"{side} state dict: missing key {missing[0]} ({len(missing)} missing)")
+    if unexpected:
+        raise ValueError(f"{side} state dict: unexpected key {unexpected[0]} ({len(unexpected)} unexpected)")
+
+
+def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], side: str) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{side} state dict: {name} has shape {tuple(t.shape)}, the config needs {shape}")
+
+
+def to_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our state dict (Transformer.state_dict()) -> Hugging Face LlamaForCausalLM names (same tensors)."""
+    shapes = _expected_shapes(cfg)
+    wanted = set(shapes)
+    given = set(state_dict)
+    if cfg.tie_embeddings:
+        given.add("output.weight")  # optional on our side: it is the embedding
+    _check_keys(given, wanted, "our")
+    out = {}
+    for name, shape in shapes.items():
+        if cfg.tie_embeddings and name == "output.weight":
+            continue
+        _check_shape(name, state_dict[name], shape, "our")
+        out[_hf_name(name)] = state_dict[name]
+    return out
+
+
+def from_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face LlamaForCausalLM state dict -> ours, loadable with Transformer.load_state_dict
+    (strict). With tied embeddings `lm_head.weight` may be absent; output.weight is then the embedding."""
+    shapes = _expected_shapes(cfg)
+    to_ours = {_hf_name(n): n for n in shapes}
+    given = {k for k in state_dict if not k.endswith("rotary_emb.inv_freq")}  # old transformers saved it
+    wanted = set(to_ours)
+    if cfg.tie_embeddings:
+        given.add("lm_head.weight")
+    _check_keys(given, wanted, "Hugging Face")
+    out = {}
+    for hf_name, name in to_ours.items():
+        if cfg.tie_embeddings and name == "output.weight":
+            continue
+        _check_shape(hf_name, state_dict[hf_name], shapes[name], "Hugging Face")
+        out[name] = state_dict[hf_name]
+    if cfg.tie_embeddings:
+        out["output.weight"] = out["tok_embeddings.weight"]
+    return out
+
+
+def hf_config(
+    cfg: ModelConfig,
+    torch_dtype: str = "bfloat16",
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> dict:
+    """config.json for transformers' LlamaForCausalLM (no custom code). RoPE is written both ways:
+    `rope_theta` + `rope_scaling` (transformers 4.x, llama.cpp's converter) and `rope_parameters`
+    (transformers 5)."""
+    rs = cfg.rope_scaling
+    scaling = None
+    if rs.type == "linear":
+        scaling = {"rope_type": "linear", "factor": rs.factor}
+    elif rs.type == "llama3":
+        scaling = {
+            "rope_type": "llama3",
+            "factor": rs.factor,
+            "low_freq_factor": rs.low_freq_factor,
+            "high_freq_factor": rs.high_freq_factor,
+            "original_max_position_embeddings": rs.original_max_seq_len,
+        }
+    d = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.padded_vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": scaling,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta} | (scaling or {}),
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": cfg.init_std,
+        "torch_dtype": torch_dtype,
+        "use_cache": True,
+    }
+    for key, value in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+        if value is not None:
+            d[key] = value
+    return d
+
+
+def model_config_from_hf(d: dict, **overrides) -> ModelConfig:
+    """A ModelConfig from a Hugging Face Llama config.json dict (ours or another Llama's). The padded
+    vocabulary is taken as the vocabulary (vocab_multiple 1). `overrides` (e.g. attention="sdpa") win."""
+    if d.get("model_type") != "llama":
+        raise ValueError(f"config.json model_type={d.get('model_type')!r}: only 'llama' converts")
+    for key in ("attention_bias", "mlp_bias"):
+        if d.get(key):
+            raise ValueError(f"config.json {key}=true: biases are not part of this architecture")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json hidden_act={d['hidden_act']!r}: only silu (SwiGLU) converts")
+    n_heads = d["num_attention_heads"]
+    if d.get("head_dim") not in (None, d["hidden_size"] // n_heads):
+        raise ValueError(f"config.json head_dim={d['head_dim']}: must be hidden_size / num_attention_heads")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    if rope_type == "default":
+        scaling = RopeScaling()
+    elif rope_type == "linear":
+        factor = float(rope["factor"])
+        original = rope.get("original_max_position_embeddings") or math.ceil(d["max_position_embeddings"] / factor)
+        scaling = RopeScaling(type="linear", factor=factor, original_max_seq_len=int(original))
+    elif rope_type == "llama3":
+        scaling = RopeScaling(
+            type="llama3",
+            factor=float(rope["factor"]),
+            original_max_seq_len=int(rope["original_max_position_embeddings"]),
+            low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+        )
+    else:
+        raise ValueError(f"config.json rope type {rope_type!r}: only default, linear and llama3 convert")
+    fields = dict(
+        dim=d["hidden_size"],
+        n_layers=d["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=d.get("num_key_value_heads") or n_heads,
+        ffn_dim=d["intermediate_size"],
+        vocab_size=d["vocab_size"],
+        vocab_multiple=1,
+        max_seq_len=d["max_position_embeddings"],
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        init_std=float(d.get("initializer_range", 0.02)),
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)

@@ -1,0 +1,374 @@
+"""Attention backends and fused ops: the one place where optional accelerators are detected.
+
+What is available is detected once (`available()`) and logged once per device type and dtype; every
+fast path falls back to plain PyTorch, and each has a reference in model/llama.py that tests compare
+against (tests/model/test_ops.py; `gpu`-marked where the fast path only runs on CUDA).
+
+Attention (ModelConfig.attention):
+- "flash": flash-attn; packed documents through flash_attn_varlen_func with cu_seqlens. CUDA, bf16/fp16.
+- "sdpa": torch scaled_dot_product_attention (flash / cuDNN / memory-efficient kernels on GPU). With
+  document masking: FlexAttention with a block mask on CUDA (blocks outside every document are skipped);
+  on CPU an explicit boolean (T x T) mask, because FlexAttention has no backward on CPU.
+- "reference": the plain-maths attention of llama.py.
+- "auto": flash when usable (CUDA, flash-attn importable, half precision), else sdpa.
+
+Fused ops (ModelConfig.kernels): RMSNorm, SwiGLU, RoPE and linear + cross-entropy.
+- "liger": liger-kernel's Triton kernels (CUDA only; an error if missing).
+- "torch": the PyTorch implementations below: custom autograd Functions that save only their inputs
+  (and recompute the cheap elementwise parts in backward), and a chunked linear + cross-entropy.
+- "auto": liger on CUDA tensors when installed, else torch.
+- "reference" never reaches this module (llama.py uses its own maths).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("model.ops")
+
+IGNORE_INDEX = -100
+HALF = (torch.bfloat16, torch.float16)
+
+
+_AVAILABLE: dict[str, bool] = {}
+
+
+def available() -> dict[str, bool]:
+    """Which optional accelerators can be imported here (detected once per process)."""
+    if _AVAILABLE:
+        return _AVAILABLE
+    found = {
+        "cuda": torch.cuda.is_available(),
+        "flash_attn": importlib.util.find_spec("flash_attn") is not None,
+        "liger_kernel": importlib.util.find_spec("liger_kernel") is not None,
+        "flex_attention": importlib.util.find_spec("torch.nn.attention.flex_attention") is not None,
+    }
+    if found["flash_attn"]:
+        try:
+            import flash_attn  # noqa: F401  (a wheel built for another CUDA/torch fails here)
+        except Exception as e:  # noqa: BLE001
+            log.warning("flash-attn is installed but does not import (%s): not used", e)
+            found["flash_attn"] = False
+    log.info("model.ops: available %s", ", ".join(k for k, v in found.items() if v) or "nothing optional")
+    _AVAILABLE.update(found)
+    return _AVAILABLE
+
+
+_LOGGED: set[tuple[str, str]] = set()
+
+
+def _log_choice(what: str, choice: str, why: str) -> None:
+    """Log a backend choice the first time it is made (not from inside torch.compile tracing)."""
+    if (what, choice) in _LOGGED or torch.compiler.is_compiling():
+        return
+    _LOGGED.add((what, choice))
+    log.info("model.ops: %s = %s (%s)", what, choice, why)
+
+
+def resolve_attention(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The attention backend that runs for this device and dtype ("flash", "sdpa" or "reference")."""
+    have = available()
+    flash_ok = device.type == "cuda" and have["flash_attn"] and dtype in HALF
+    if requested == "flash" and not flash_ok:
+        why = "no CUDA device" if device.type != "cuda" else "flash-attn not importable"
+        if device.type == "cuda" and have["flash_attn"]:
+            why = f"dtype {dtype} (flash-attn needs bf16/fp16)"
+        raise ValueError(f"ModelConfig.attention='flash' cannot run: {why}")
+    if requested == "auto":
+        chosen = "flash" if flash_ok else "sdpa"
+        why = "flash-attn on CUDA" if flash_ok else f"flash-attn unusable on {device.type}/{dtype}"
+    else:
+        chosen, why = requested, "requested"
+    _log_choice(f"attention[{device.type}, {dtype}]", chosen, why)
+    return chosen
+
+
+def use_liger(kernels: str, x: torch.Tensor) -> bool:
+    if kernels == "torch":
+        return False
+    ok = x.is_cuda and available()["liger_kernel"]
+    if kernels == "liger" and not ok:
+        why = "no CUDA tensor" if not x.is_cuda else "liger-kernel not installed"
+        raise ValueError(f"ModelConfig.kernels='liger' cannot run: {why}")
+    _log_choice(f"kernels[{x.device.type}]", "liger" if ok else "torch", "auto" if kernels == "auto" else "requested")
+    return ok
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention
+
+
+@dataclass
+class Mask:
+    """What the attention kernel needs to know about who attends whom, prepared once per forward.
+
+    Exactly one of: causal (no documents), dense (B or 1, 1, T, S) bool, block_mask (FlexAttention),
+    cu_seqlens + max_seqlen (flash varlen: documents laid end to end over the flattened B*T tokens).
+    """
+
+    backend: str
+    causal: bool = False
+    dense: torch.Tensor | None = None
+    block_mask: Any = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+
+
+def make_mask(
+    requested: str, position_ids: torch.Tensor | None, B: int, T: int, device: torch.device, dtype: torch.dtype
+) -> Mask:
+    from model.llama import attention_mask, document_ids  # the definitions; llama.py imports this module
+
+    backend = resolve_attention(requested, device, dtype)
+    if backend == "reference":
+        return Mask(backend, dense=attention_mask(position_ids, T, device))
+    if position_ids is None:
+        return Mask(backend, causal=True)
+    if backend == "flash":
+        starts = position_ids == 0  # (B, T)
+        starts[:, 0] = True  # each row starts a sequence, even mid-document (its own positions kept)
+        flat_starts = starts.reshape(-1).nonzero().flatten()  # (n_docs,) offsets into B*T
+        total = torch.tensor([B * T], device=device)
+        cu_seqlens = torch.cat([flat_starts, total]).to(torch.int32)  # (n_docs + 1,)
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return Mask(backend, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    if device.type == "cuda" and available()["flex_attention"]:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        doc = document_ids(position_ids)  # (B, T)
+
+        def same_document_causal(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (doc[b, q_idx] == doc[b, kv_idx])
+
+        block_mask = create_block_mask(same_document_causal, B, None, T, T, device=device)
+        return Mask(backend, block_mask=block_mask)
+    return Mask(backend, dense=attention_mask(position_ids, T, device))
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)  # FlexAttention is only fast compiled
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask) -> torch.Tensor:
+    """Causal (document-masked) attention. q (B, T, H, Dh); k, v (B, T, H_kv, Dh). Returns (B, T, H, Dh)."""
+    B, T, H, Dh = q.shape
+    gqa = k.shape[2] != H
+    if mask.backend == "flash":
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+        if mask.cu_seqlens is None:
+            return flash_attn_func(q, k, v, causal=True)  # (B, T, H, Dh); GQA native
+        y = flash_attn_varlen_func(
+            q.reshape(B * T, H, Dh),  # (B*T, H, Dh): documents end to end
+            k.reshape(B * T, -1, Dh),  # (B*T, H_kv, Dh)
+            v.reshape(B * T, -1, Dh),
+            mask.cu_seqlens,
+            mask.cu_seqlens,
+            mask.max_seqlen,
+            mask.max_seqlen,
+            causal=True,
+        )
+        return y.view(B, T, H, Dh)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or H_kv, T, Dh)
+    if mask.block_mask is not None:
+        y = _compiled_flex_attention()(qt, kt, vt, block_mask=mask.block_mask, enable_gqa=gqa)
+    elif mask.causal:
+        y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa)
+    else:
+        y = attention_dense(qt, kt, vt, mask.dense, reference=mask.backend == "reference")
+    return y.transpose(1, 2)  # (B, T, H, Dh)
+
+
+def attention_dense(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, reference: bool = False
+) -> torch.Tensor:
+    """Attention with an explicit mask. q (B, H, T, Dh); k, v (B, H_kv, S, Dh); allowed (B|1, 1, T, S)."""
+    if reference:
+        from model.llama import attention_reference
+
+        return attention_reference(q, k, v, allowed)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=k.shape[1] != q.shape[1])
+
+
+# ----------------------------------------------------------------------------------------------------
+# RMSNorm, SwiGLU, RoPE: autograd Functions that keep only their inputs for backward
+
+
+class _RMSNorm(torch.autograd.Function):
+    """y = w * (x / rms(x)) with the normalisation in fp32, as llama.rms_norm. Saves x and 1/rms (a
+    (..., 1) tensor) instead of the fp32 copies autograd would keep."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 for half inputs, fp64 stays fp64
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.to(rstd.dtype) * rstd  # (..., D)
+        grad_weight = (grad.to(rstd.dtype) * xhat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        g = grad.to(rstd.dtype) * weight.to(rstd.dtype)  # d loss / d xhat
+        # d xhat / d x = rstd * (I - xhat xhat^T / D)
+        grad_x = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: str) -> torch.Tensor:
+    if use_liger(kernels, x):
+        from liger_kernel.transformers.functional import liger_rms_norm
+
+        return liger_rms_norm(x, weight, eps, 0.0, "llama", False)
+    return _RMSNorm.apply(x, weight, eps)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up, saving gate and up only (silu(gate) is recomputed in backward)."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        # d silu / d gate = sig * (1 + gate * (1 - sig))
+        grad_gate = grad * up * sig * (1 + gate * (1 - sig))
+        return grad_gate, grad * silu
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, kernels: str) -> torch.Tensor:
+    if use_liger(kernels, gate):
+        from liger_kernel.transformers.functional import liger_swiglu
+
+        return liger_swiglu(gate, up)
+    return _SwiGLU.apply(gate, up)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)  # each (..., Dh/2)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotate_half_transposed(x: torch.Tensor) -> torch.Tensor:
+    """The adjoint of rotate_half (its inverse): (y1, y2) -> (y2, -y1)."""
+    x1, x2 = x.chunk(2, dim=-1)  # each (..., Dh/2)
+    return torch.cat((x2, -x1), dim=-1)
+
+
+class _Rope(torch.autograd.Function):
+    """q cos + rotate_half(q) sin for q and k; saves cos and sin only (a rotation's backward is the
+    inverse rotation)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        ctx.save_for_backward(cos, sin)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    @staticmethod
+    def backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        gq = grad_q * cos + _rotate_half_transposed(grad_q * sin)
+        gk = grad_k * cos + _rotate_half_transposed(grad_k * sin)
+        return gq, gk, None, None
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, T, H, Dh), k (B, T, H_kv, Dh), cos/sin (B, T, 1, Dh)."""
+    if use_liger(kernels, q):
+        from liger_kernel.transformers.functional import liger_rope
+
+        # liger takes (B, H, T, Dh) views and cos/sin (B, T, Dh)
+        qr, kr = liger_rope(q.transpose(1, 2), k.transpose(1, 2), cos[:, :, 0], sin[:, :, 0])
+        return qr.transpose(1, 2), kr.transpose(1, 2)  # (B, T, H, Dh), (B, T, H_kv, Dh)
+    return _Rope.apply(q, k, cos, sin)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused linear + cross-entropy
+
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 23  # logits per chunk (8 Mi: 32 MiB in fp32)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits = h W^T, chunk by chunk of tokens, gradients computed on the way.
+
+    For each chunk of rows: logits (n, V) in fp32, loss += logsumexp - logit[target], and straight away
+    the gradient of the mean loss with respect to those logits, softmax - onehot(target) (divided by the
+    number of scored tokens), turned into grad_h (chunk rows) and accumulated into grad_W. Only one chunk's
+    logits exist at a time; backward just scales the stored gradients by the incoming gradient. The three
+    matmuls per chunk (logits, grad_h, grad_W) are the same three that forward + backward would do anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int, grads: bool):
+        N = h.shape[0]
+        scored = targets != IGNORE_INDEX  # (N,)
+        acc = torch.promote_types(h.dtype, torch.float32)  # logits, loss and grad_W accumulate in >= fp32
+        n_scored = scored.sum().clamp(min=1).to(acc)
+        # needs_input_grad is set even under torch.no_grad(): `grads` says whether autograd is recording
+        need_h, need_w = grads and ctx.needs_input_grad[0], grads and ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        loss = torch.zeros((), dtype=acc, device=h.device)
+        for start in range(0, N, chunk_rows):
+            end = min(start + chunk_rows, N)
+            h_c, t_c, s_c = h[start:end], targets[start:end], scored[start:end]  # (n, D), (n,), (n,)
+            logits = (h_c @ weight.t()).to(acc)  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            safe_t = torch.where(s_c, t_c, 0)  # ignored rows point anywhere; they are zeroed below
+            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)  # (n,)
+            loss += ((lse - target_logit) * s_c).sum()
+            if need_h or need_w:
+                probs = logits.sub_(lse[:, None]).exp_()  # (n, V) softmax, in place of the logits
+                probs[torch.arange(end - start, device=h.device), safe_t] -= 1.0
+                grad_logits = (probs * (s_c.to(acc) / n_scored)[:, None]).to(h.dtype)  # (n, V)
+                if need_h:
+                    grad_h[start:end] = grad_logits @ weight  # (n, D)
+                if need_w:
+                    grad_w += grad_logits.t() @ h_c  # (V, D)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss / n_scored
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+def linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    kernels: str = "torch",
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Mean cross-entropy over targets != -100 of logits = h weight^T, never holding all the logits.
+    h (N, D), weight (V, D), targets (N,). A () fp32 tensor (0 when nothing is scored)."""
+    if use_liger(kernels, h):
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        return liger_fused_linear_cross_entropy(h, weight, targets, ignore_index=IGNORE_INDEX)
+    chunk_rows = max(1, chunk_elements // weight.shape[0])
+    return _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_rows, torch.is_grad_enabled())

@@ -1,0 +1,97 @@
+"""Fixtures for the Slurm tests: the local cluster (skip when none answers), job waiting, fake runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cluster_problem() -> str | None:
+    """Why the Slurm tests cannot run here (None when a controller answers with an idle node)."""
+    if shutil.which("sinfo") is None:
+        return "sinfo not found (start one: scripts/slurm-cluster.sh up)"
+    try:
+        res = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "sinfo timed out: no Slurm controller answers"
+    if res.returncode != 0:
+        return f"no Slurm cluster answers: {' '.join(res.stderr.split())[:200]}"
+    if not any(s.strip() in ("idle", "mixed", "allocated") for s in res.stdout.splitlines()):
+        return f"no usable Slurm node (states: {res.stdout.split()})"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    problem = cluster_problem()
+    if problem:
+        pytest.skip(problem)
+
+
+def job_state(job_id: int) -> dict[str, str]:
+    res = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True)
+    if res.returncode != 0:
+        return {}
+    return dict(kv.split("=", 1) for kv in res.stdout.split() if "=" in kv)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def wait_final(job_id: int, timeout: float) -> dict[str, str]:
+    """Wait until a job reaches a final state (a requeued job passes through PENDING again)."""
+    return wait_for(
+        lambda: (st := job_state(job_id)) and st.get("JobState") in FINAL and st, timeout, f"job {job_id} to end"
+    )
+
+
+def events(run_dir: Path) -> list[dict]:
+    path = run_dir / "slurm" / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def fake_plan(run_dir: Path, chain: str, phases: list[tuple[str, int]], sleep: float = 0.0, fail_phase=None,
+              nodes: int = 1, procs_per_node: int = 1, time_limit_s: int = 600):  # fmt: skip
+    """A RunPlan whose ranks run tests.slurm.fake_trainer: the real scripts, chains and requeues,
+    without DeepSpeed. Returns (plan, script paths) written into run_dir/slurm/."""
+    from slurm.profiles import load_profile
+    from slurm.render import make_launch
+    from slurm.submit import GitState, JobPlan, RunPlan, render_jobs, write_plan
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = run_dir / "fake-plan.json"
+    spec.write_text(json.dumps({"phases": [{"name": n, "steps": s} for n, s in phases], "sleep": sleep,
+                                "fail_phase": fail_phase}))  # fmt: skip
+    profile = load_profile("local-cpu").replace(procs_per_node=procs_per_node)
+    launch = make_launch(profile, nodes=nodes, time_limit_s=time_limit_s)
+    base = ("tests.slurm.fake_trainer", str(spec), "--run-dir", str(run_dir), "--resume", "auto")
+    if chain == "one-job":
+        jobs = [JobPlan("all", base)]
+    else:
+        ends = [sum(s for _, s in phases[: i + 1]) for i in range(len(phases))]
+        jobs = [
+            JobPlan(n, base + (("--stop-at-step", str(e)) if i < len(phases) - 1 else ()),
+                    done_step=e if i < len(phases) - 1 else 0)
+            for i, ((n, _), e) in enumerate(zip(phases, ends))
+        ]  # fmt: skip
+    plan = RunPlan(run_dir=run_dir, launch=launch, chain=chain, jobs=jobs, git=GitState(commit=None, dirty=False))
+    render_jobs(plan, python=sys.executable, code_dir=ROOT)
+    return plan, write_plan(plan)

@@ -1,0 +1,235 @@
+"""Checkpoints committed atomically, checked on resume, pruned; the RNG state of every rank.
+
+    RUN/checkpoints/step-00000120/        a committed checkpoint (120 optimizer steps done)
+        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   DeepSpeed's own files
+        rng/rank-00000.pt                 torch / numpy / python RNG state of each rank (tensors only)
+        client.json                       phase, steps, tokens, data position, recipe and manifest hashes
+        integrity.json                    sha256 and size of every file above; written last
+    RUN/checkpoints/latest                the newest committed tag, replaced with os.replace
+    RUN/checkpoints/.tmp-step-00000120/   a checkpoint being written (never read; removed on the next save)
+
+Commit protocol: every rank writes into the `.tmp-` folder (DeepSpeed's save_checkpoint, then its RNG
+file), a barrier, then rank 0 writes client.json, hashes every file into integrity.json, fsyncs, and
+renames the folder to its final name (atomic on a POSIX filesystem), then replaces `latest`. A crash
+at any point leaves either the previous checkpoints untouched or a complete new one. A committed
+checkpoint whose files no longer match integrity.json (torn copy, bit rot, truncation) is reported
+and skipped on resume for the previous good one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from communs import UserError
+from corpus.shards import sha256_file
+
+FORMAT = "communs.checkpoint/1"
+TMP_PREFIX = ".tmp-"
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def step_of(tag: str) -> int:
+    return int(tag.split("-", 1)[1])
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# RNG state of one rank
+
+
+def save_rng(ckpt_dir: Path, rank: int) -> None:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]),
+                   "gauss": None if py_state[2] is None else float(py_state[2])},
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    path = ckpt_dir / "rng" / f"rank-{rank:05d}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+
+
+def load_rng(ckpt_dir: Path, rank: int) -> bool:
+    """Restore this rank's RNG state; False when the checkpoint has none for this rank (other world size)."""
+    path = ckpt_dir / "rng" / f"rank-{rank:05d}.pt"
+    if not path.exists():
+        return False
+    state = torch.load(path, weights_only=True)  # tensors, ints and lists only: nothing is unpickled
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------
+# Commit, scan, verify, prune
+
+
+def prepare_tmp(root: Path, tag: str) -> str:
+    """Rank 0, before DeepSpeed writes: remove a leftover temporary folder of the same tag; return its name."""
+    tmp = TMP_PREFIX + tag
+    if (root / tmp).exists():
+        shutil.rmtree(root / tmp)
+    root.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def commit(root: Path, tag: str, client: dict) -> Path:
+    """Rank 0, after every rank wrote into `.tmp-<tag>`: client.json, integrity.json, rename, `latest`."""
+    tmp_dir = root / (TMP_PREFIX + tag)
+    client = {"format": FORMAT, "tag": tag, **client}
+    (tmp_dir / "client.json").write_text(json.dumps(client, indent=1, sort_keys=True) + "\n")
+    files = {}
+    for p in sorted(tmp_dir.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+            files[p.relative_to(tmp_dir).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    _write_atomic(tmp_dir / "integrity.json", json.dumps({"format": FORMAT, "files": files}, indent=1) + "\n")
+    _fsync_dir(tmp_dir)
+    final = root / tag
+    if final.exists():  # the same step saved again (a resumed run redoing it): the new one replaces it
+        old = root / (TMP_PREFIX + "old-" + tag)
+        os.replace(final, old)
+        os.replace(tmp_dir, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp_dir, final)
+    _fsync_dir(root)
+    _write_atomic(root / "latest", tag + "\n")
+    return final
+
+
+def committed(root: Path) -> list[str]:
+    """Committed checkpoint tags, newest first (by step)."""
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    return sorted(tags, key=step_of, reverse=True)
+
+
+def verify(ckpt_dir: Path) -> str | None:
+    """None when every file matches integrity.json; else what is wrong, in a few words."""
+    record = ckpt_dir / "integrity.json"
+    if not record.exists():
+        return "no integrity.json (torn: the write never finished)"
+    try:
+        files = json.loads(record.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"integrity.json unreadable ({e})"
+    for rel, meta in files.items():
+        path = ckpt_dir / rel
+        if not path.exists():
+            return f"{rel} is missing"
+        if path.stat().st_size != meta["bytes"]:
+            return f"{rel} has {path.stat().st_size} bytes, expected {meta['bytes']} (truncated?)"
+        if sha256_file(path) != meta["sha256"]:
+            return f"{rel} does not match its sha256 (corrupted)"
+    return None
+
+
+def read_client(ckpt_dir: Path) -> dict:
+    return json.loads((ckpt_dir / "client.json").read_text())
+
+
+def prune(root: Path, keep_last: int, keep_phase_ends: bool, current_tmp: str | None = None) -> list[str]:
+    """Delete periodic checkpoints beyond the newest `keep_last` (phase ends kept apart) and stale
+    temporary folders; return the deleted names. The newest checkpoint is never deleted."""
+    tags = committed(root)
+    periodic = []
+    for tag in tags:
+        try:
+            phase_end = read_client(root / tag).get("phase_end", False)
+        except (OSError, ValueError):
+            phase_end = False
+        if not (phase_end and keep_phase_ends):
+            periodic.append(tag)
+    doomed = [t for t in periodic[keep_last:] if t != tags[0]]
+    doomed += [p.name for p in root.iterdir() if p.name.startswith(TMP_PREFIX) and p.name != current_tmp]
+    for name in doomed:
+        shutil.rmtree(root / name, ignore_errors=True)
+    return doomed
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resume
+
+
+@dataclass
+class ResumePoint:
+    tag: str
+    dir: Path
+    client: dict
+
+
+def find_resume(
+    root: Path, recipe_hash: str, root_hash: str, mode: str, verify_files: bool = True, log=None
+) -> ResumePoint | None:
+    """The newest valid checkpoint to resume from, or None to start fresh.
+
+    mode: auto (resume when there is one), never (start fresh; refused when checkpoints exist, so that
+    a fresh run never mixes with an old one's), force (resume even from a different recipe or data).
+    A torn or corrupted checkpoint is reported and skipped for the previous one.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    tags = committed(root)
+    if mode == "never":
+        if tags:
+            raise UserError(f"{root}: has checkpoints ({tags[0]} ...) and --resume never: use another --run-dir")
+        return None
+    for tag in tags:
+        problem = verify(root / tag) if verify_files else (None if (root / tag / "client.json").exists() else "no client.json")
+        if problem:
+            log(f"checkpoint {root / tag}: {problem}; skipping it for an older one")
+            continue
+        client = read_client(root / tag)
+        if mode != "force":
+            if client.get("manifest_root_hash") != root_hash:
+                raise UserError(
+                    f"{root / tag}: trained on data manifest {str(client.get('manifest_root_hash'))[:12]}, the "
+                    f"recipe's manifest is {root_hash[:12]}: refusing to resume (--resume force to override)"
+                )
+            if client.get("recipe_hash") != recipe_hash:
+                raise UserError(
+                    f"{root / tag}: written by a different recipe (hash {str(client.get('recipe_hash'))[:12]} != "
+                    f"{recipe_hash[:12]}): refusing to resume (--resume force to override)"
+                )
+        return ResumePoint(tag, root / tag, client)
+    return None
