@@ -102,7 +102,9 @@ def build(compile_ours: bool) -> tuple[list[Contestant], torch.Tensor]:
     if compile_ours:
         compiled = Transformer(dataclasses.replace(CFG, compile=True))
         compiled.load_state_dict(ours.state_dict())
-        contestants.append(Contestant("ours+compile", compiled, lambda: compiled(inputs, targets=targets).loss))
+        contestants.append(
+            Contestant("ours+compile", compiled, lambda: compiled(inputs, targets=targets).loss)
+        )
     return contestants, ids
 
 
@@ -139,7 +141,9 @@ def loss_memory() -> dict[str, tuple[float, float]]:
             start = time.perf_counter()
             mib = peak_rss_rise_mib(fns[name])
             out[name].append((mib, time.perf_counter() - start))
-    return {k: (statistics.median(m for m, _ in v), statistics.median(s for _, s in v)) for k, v in out.items()}
+    return {
+        k: (statistics.median(m for m, _ in v), statistics.median(s for _, s in v)) for k, v in out.items()
+    }
 
 
 def main() -> None:
@@ -179,9 +183,17 @@ def main() -> None:
     loss_mem = loss_memory()
 
     hf_t = times["hf"]
-    rows = [("step speed: hf time / ours (eager)", [h / o for h, o in zip(hf_t, times["ours"])], "goal >= 1.3")]
+    rows = [
+        ("step speed: hf time / ours (eager)", [h / o for h, o in zip(hf_t, times["ours"])], "goal >= 1.3")
+    ]
     if "ours+compile" in times:
-        rows.append(("step speed: hf time / ours+compile", [h / o for h, o in zip(hf_t, times["ours+compile"])], "stretch 1.5"))
+        rows.append(
+            (
+                "step speed: hf time / ours+compile",
+                [h / o for h, o in zip(hf_t, times["ours+compile"])],
+                "stretch 1.5",
+            )
+        )
     for name in times:
         mfu = [flops_per_step / t / m for t, m in zip(times[name], matmul)]
         rows.append((f"model FLOP/s / matmul FLOP/s: {name}", mfu, "goal >= 0.7" if name != "hf" else ""))
@@ -190,10 +202,14 @@ def main() -> None:
     for label, values, goal in rows:
         print(f"{label:<44} {summary(values):<22} {goal}")
     mem_ours, mem_hf = statistics.median(memory["ours"]), statistics.median(memory["hf"])
-    print(f"{'peak step memory ours / hf':<44} {mem_ours / mem_hf:6.2f}  ({mem_ours:.0f} vs {mem_hf:.0f} MiB)  goal <= 0.6")
+    print(
+        f"{'peak step memory ours / hf':<44} {mem_ours / mem_hf:6.2f}  ({mem_ours:.0f} vs {mem_hf:.0f} MiB)  goal <= 0.6"
+    )
     if "ours+compile" in memory:
         mc = statistics.median(memory["ours+compile"])
-        print(f"{'peak step memory ours+compile / hf':<44} {mc / mem_hf:6.2f}  ({mc:.0f} vs {mem_hf:.0f} MiB)")
+        print(
+            f"{'peak step memory ours+compile / hf':<44} {mc / mem_hf:6.2f}  ({mc:.0f} vs {mem_hf:.0f} MiB)"
+        )
     (fm, ft), (nm, nt) = loss_mem["fused"], loss_mem["naive"]
     print(f"{'loss V=65024: memory fused / naive':<44} {fm / nm:6.2f}  ({fm:.0f} vs {nm:.0f} MiB)")
     print(f"{'loss V=65024: time naive / fused':<44} {nt / ft:6.2f}  ({nt:.2f} vs {ft:.2f} s)")

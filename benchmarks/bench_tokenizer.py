@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -78,7 +79,7 @@ def ratio_row(
     ratios = [t / o for t, o in zip(times[theirs], times[ours])]
     rate = lambda name: unit_count / statistics.median(times[name])  # noqa: E731
     return (
-        f"| {label:<44} | {statistics.median(ratios):5.2f}x | {min(ratios):5.2f}-{max(ratios):5.2f} "
+        f"| {label:<48} | {statistics.median(ratios):5.2f}x | {min(ratios):5.2f}-{max(ratios):5.2f} "
         f"| {rate(ours):8.3g} {unit} | {rate(theirs):8.3g} {unit} |"
     )
 
@@ -137,9 +138,11 @@ def main() -> None:
         )
         times = rounds(
             {
-                "ours": lambda: tok.encode_batch(texts, num_threads=THREADS),
-                "hf": lambda: hf(texts, add_special_tokens=False)["input_ids"],
-                "raw": lambda: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)],
+                "ours": lambda texts=texts: tok.encode_batch(texts, num_threads=THREADS),
+                "hf": lambda texts=texts: hf(texts, add_special_tokens=False)["input_ids"],
+                "raw": lambda texts=texts: [
+                    e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)
+                ],
             },
             args.rounds,
         )
@@ -172,9 +175,10 @@ def main() -> None:
     print(
         f"\n{args.rounds} encode rounds, {args.train_rounds} training rounds, {THREADS} threads; ratio = theirs time / ours"
     )
-    print(f"| {'what':<44} | ratio  | min-max     | ours           | theirs         |")
-    print(f"|{'-' * 46}|--------|-------------|----------------|----------------|")
+    print(f"| {'what':<48} | ratio  | min-max     | ours           | theirs         |")
+    print(f"|{'-' * 50}|--------|-------------|----------------|----------------|")
     print("\n".join(rows))
+    shutil.rmtree(tmp)
 
 
 if __name__ == "__main__":

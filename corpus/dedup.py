@@ -10,25 +10,40 @@ depend on the number of workers.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 
 # datasketch's default seed; fixed so that signatures are reproducible across runs and versions.
 MINHASH_SEED = 1
+MINHASH_SCHEME = "affine32"  # named explicitly: datasketch ≥ 2 refuses signatures of unknown scheme
 
 
-def shingles(text: str, size: int) -> list[bytes]:
-    words = text.lower().split()
-    if len(words) <= size:
-        return [" ".join(words).encode("utf-8")]
-    return [" ".join(words[i : i + size]).encode("utf-8") for i in range(len(words) - size + 1)]
+def shingle_hashes(text: str, size: int) -> np.ndarray:
+    """32-bit hashes of the lower-cased word `size`-grams of a text (the whole text when shorter).
+
+    Words are hashed once each (crc32), n-grams combined with numpy: far cheaper than hashing
+    every shingle's bytes, and stable across processes and runs (unlike Python's `hash`).
+    """
+    words = text.lower().split() or [""]
+    vocab: dict[str, int] = {}
+    word_hash = np.fromiter(
+        (vocab.setdefault(w, zlib.crc32(w.encode("utf-8"))) for w in words), dtype=np.uint64, count=len(words)
+    )
+    n = min(size, len(words))
+    h = np.zeros(len(words) - n + 1, dtype=np.uint64)
+    for k in range(n):
+        h = h * np.uint64(0x100000001B3) + word_hash[k : len(words) - n + 1 + k]
+    return np.unique((h >> np.uint64(32)) ^ (h & np.uint64(0xFFFFFFFF)))
 
 
 def signature(text: str, num_perm: int, size: int) -> np.ndarray:
-    """The MinHash signature (num_perm,) uint64 of a text's word shingles."""
+    """The MinHash signature (num_perm,) uint32 of a text's word shingles."""
     from datasketch import MinHash
 
-    m = MinHash(num_perm=num_perm, seed=MINHASH_SEED)
-    m.update_batch(shingles(text, size))
+    # The shingles are already hashed: datasketch's hash function is the identity.
+    m = MinHash(num_perm=num_perm, seed=MINHASH_SEED, scheme=MINHASH_SCHEME, hashfunc=int)
+    m.update_batch(shingle_hashes(text, size).tolist())
     return m.hashvalues.copy()
 
 
@@ -54,7 +69,7 @@ def find_duplicates(
             first_by_hash[sha] = doc_id
         if sig is None:
             continue
-        m = MinHash(num_perm=num_perm, seed=MINHASH_SEED, hashvalues=sig)
+        m = MinHash(num_perm=num_perm, seed=MINHASH_SEED, hashvalues=sig, scheme=MINHASH_SCHEME)
         # Candidates are confirmed by the estimate, then the earliest one is named.
         matches = [c for c in lsh.query(m) if kept_sigs[c].jaccard(m) >= threshold]
         if matches:

@@ -75,17 +75,24 @@ def _subtraction(rng: random.Random) -> tuple[str, list[str], int]:
 def _multiplication(rng: random.Random) -> tuple[str, list[str], int]:
     a, b = rng.randint(12, 999), rng.randint(11, 99)
     tens, units = (b // 10) * 10, b % 10
-    steps = [f"On décompose {b} en {tens} + {units}."]
-    steps.append(f"{_fmt(a)} × {tens} = {_fmt(a * tens)}.")
-    if units:
-        steps.append(f"{_fmt(a)} × {units} = {_fmt(a * units)}.")
-        steps.append(f"On additionne : {_fmt(a * tens)} + {_fmt(a * units)} = {_fmt(a * b)}.")
+    if units == 0:
+        steps = [
+            f"Multiplier par {b}, c'est multiplier par {b // 10} puis par 10.",
+            f"{_fmt(a)} × {b // 10} = {_fmt(a * (b // 10))}.",
+            f"{_fmt(a * (b // 10))} × 10 = {_fmt(a * b)}.",
+        ]
+        return f"Calcule {_fmt(a)} × {b}.", steps, a * b
+    steps = [
+        f"On décompose {b} en {tens} + {units}.",
+        f"{_fmt(a)} × {tens} = {_fmt(a * tens)}.",
+        f"{_fmt(a)} × {units} = {_fmt(a * units)}.",
+        f"On additionne : {_fmt(a * tens)} + {_fmt(a * units)} = {_fmt(a * b)}.",
+    ]
     return f"Calcule {_fmt(a)} × {b}.", steps, a * b
 
 
 def _division(rng: random.Random) -> tuple[str, list[str], int]:
-    b = rng.randint(2, 25)
-    q, r = rng.randint(3, 400), 0
+    b, q = rng.randint(2, 25), rng.randint(3, 400)
     r = rng.randint(0, b - 1)
     a = b * q + r
     steps = [
@@ -128,8 +135,8 @@ _ITEMS = [("cahier", "cahiers"), ("stylo", "stylos"), ("livre", "livres"), ("cro
 
 def _word_problem(rng: random.Random) -> tuple[str, list[str], int]:
     name = rng.choice(_NAMES)
-    (one, many), (one2, _) = rng.sample(_ITEMS, 2)
-    n, price, price2, paid = rng.randint(2, 9), rng.randint(2, 15), rng.randint(1, 9), 0
+    (_, many), (one2, _) = rng.sample(_ITEMS, 2)
+    n, price, price2 = rng.randint(2, 9), rng.randint(2, 15), rng.randint(1, 9)
     total = n * price + price2
     paid = ((total // 10) + 1) * 10
     question = (
@@ -165,7 +172,9 @@ def _arithmetic(source_id: str, params: dict, base: Path) -> Iterator[tuple[str,
         for k in range(params["problems_per_doc"]):
             statement, steps, answer = arithmetic_problem(rng)
             lines = "\n".join(f"- {s}" for s in steps)
-            parts.append(f"Exercice {k + 1}. {statement}\nSolution détaillée :\n{lines}\nRéponse : {_fmt(answer)}.")
+            parts.append(
+                f"Exercice {k + 1}. {statement}\nSolution détaillée :\n{lines}\nRéponse : {_fmt(answer)}."
+            )
         yield f"{source_id}:{i:06d}", "\n\n".join(parts), {}
 
 
@@ -196,10 +205,16 @@ def _edu_chat(source_id: str, params: dict, base: Path) -> Iterator[tuple[str, l
         rng = _rng(source_id, seed, i)
         statement, steps, answer = arithmetic_problem(rng)
         ask = rng.choice(_ASK_ARITH).format(q=statement)
-        reply = "Bien sûr, procédons étape par étape.\n" + "\n".join(
-            f"{k + 1}. {s}" for k, s in enumerate(steps)
-        ) + f"\nLa réponse est donc {_fmt(answer)}."
-        yield f"{source_id}:arith:{i:06d}", [{"role": "user", "content": ask}, {"role": "assistant", "content": reply}], {}
+        reply = (
+            "Bien sûr, procédons étape par étape.\n"
+            + "\n".join(f"{k + 1}. {s}" for k, s in enumerate(steps))
+            + f"\nLa réponse est donc {_fmt(answer)}."
+        )
+        yield (
+            f"{source_id}:arith:{i:06d}",
+            [{"role": "user", "content": ask}, {"role": "assistant", "content": reply}],
+            {},
+        )
     if params["gsm8k"] is None or params["n_gsm8k"] == 0:
         return
     path = base / params["gsm8k"]
@@ -215,14 +230,20 @@ def _edu_chat(source_id: str, params: dict, base: Path) -> Iterator[tuple[str, l
                 raise UserError(f"{path}:{lineno}: expected a GSM8K record {{question, answer}}") from None
             records.append((lineno, question, answer))
     # A seeded choice of problems, in file order (so the documents do not depend on the file's size).
-    picked = sorted(random.Random(f"{source_id}:{seed}:gsm8k").sample(records, min(params["n_gsm8k"], len(records))))
+    picked = sorted(
+        random.Random(f"{source_id}:{seed}:gsm8k").sample(records, min(params["n_gsm8k"], len(records)))
+    )
     for lineno, question, answer in picked:
         rng = _rng(source_id, seed, -lineno)
         lines, final = gsm8k_worked_answer(answer)
         reply = "Raisonnons étape par étape.\n" + "\n".join(lines) + f"\nLa réponse est donc {final}."
         ask = rng.choice(_ASK_GSM8K).format(q=question)
         meta = {"derived_from": f"{path.name}:{lineno}"}
-        yield f"{source_id}:gsm8k:{lineno:06d}", [{"role": "user", "content": ask}, {"role": "assistant", "content": reply}], meta
+        yield (
+            f"{source_id}:gsm8k:{lineno:06d}",
+            [{"role": "user", "content": ask}, {"role": "assistant", "content": reply}],
+            meta,
+        )
 
 
 def check_params(source, base: Path, where: str, never_read: list[str]) -> None:
@@ -232,7 +253,9 @@ def check_params(source, base: Path, where: str, never_read: list[str]) -> None:
     defaults = PARAMS[source.generator]
     for key, value in source.params.items():
         if key not in defaults:
-            raise UserError(f"{where}: unknown key {key!r} for generator {source.generator!r} (known: {sorted(defaults)})")
+            raise UserError(
+                f"{where}: unknown key {key!r} for generator {source.generator!r} (known: {sorted(defaults)})"
+            )
         if key == "gsm8k":
             if value is not None and not isinstance(value, str):
                 raise UserError(f"{where}.gsm8k: expected a path or null, got {value!r}")
@@ -251,7 +274,9 @@ def check_params(source, base: Path, where: str, never_read: list[str]) -> None:
         resolved = str(path.resolve())
         for banned in never_read:
             if fnmatch.fnmatch(resolved, banned) or fnmatch.fnmatch(resolved, f"*/{banned.lstrip('*/')}"):
-                raise UserError(f"{where}.gsm8k: {path} is an evaluation set (never_read {banned!r}); never train on it")
+                raise UserError(
+                    f"{where}.gsm8k: {path} is an evaluation set (never_read {banned!r}); never train on it"
+                )
 
 
 def generate(source, base: Path) -> Iterator[tuple[str, str | list[dict], dict]]:

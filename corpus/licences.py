@@ -83,10 +83,10 @@ def check_licence(licence: object, where: str) -> str:
     """Return the licence id if known, else raise naming the place and the known ids."""
     if not isinstance(licence, str) or licence not in LICENCES:
         lowered = {k.lower(): k for k in LICENCES}
-        hint = f" (did you mean {lowered[str(licence).lower()]!r}?)" if str(licence).lower() in lowered else ""
-        raise UserError(
-            f"{where}: unknown licence {licence!r}{hint}; known: {', '.join(sorted(LICENCES))}"
+        hint = (
+            f" (did you mean {lowered[str(licence).lower()]!r}?)" if str(licence).lower() in lowered else ""
         )
+        raise UserError(f"{where}: unknown licence {licence!r}{hint}; known: {', '.join(sorted(LICENCES))}")
     return licence
 
 
@@ -109,7 +109,9 @@ def conditions_for(licence: str, declared: dict | None, where: str) -> Condition
         values[name] = value
     phases = declared.pop("phases", list(PHASES))
     if not isinstance(phases, list) or not phases or any(p not in PHASES for p in phases):
-        raise UserError(f"{where}.conditions.phases: expected a non-empty list of {list(PHASES)}, got {phases!r}")
+        raise UserError(
+            f"{where}.conditions.phases: expected a non-empty list of {list(PHASES)}, got {phases!r}"
+        )
     if declared:
         raise UserError(f"{where}.conditions: unknown key {sorted(declared)[0]!r}")
     return Conditions(**values, phases=tuple(p for p in PHASES if p in phases))

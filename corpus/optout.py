@@ -72,7 +72,12 @@ def optout_set(entries: list[dict]) -> OptOutSet:
 def add_entry(path: str | Path, kind: str, value: str, reason: str = "", date: str | None = None) -> dict:
     """Append one entry (validated) to the opt-out file, creating it if needed."""
     path = Path(path)
-    entry = {"kind": kind, "value": value, "reason": reason, "date": date or datetime.date.today().isoformat()}
+    entry = {
+        "kind": kind,
+        "value": value,
+        "reason": reason,
+        "date": date or datetime.date.today().isoformat(),
+    }
     _check_entry(entry, f"{path} (new entry)")
     existing = read_entries(path) if path.exists() else []
     if any(e["kind"] == kind and e["value"] == value for e in existing):

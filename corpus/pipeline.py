@@ -85,8 +85,9 @@ class _Runner:
     def __init__(self, workers: int, params: dict, contexts: dict):
         self.pool = None
         if workers > 1:
-            # spawn, not fork: HF datasets may have started threads in this process.
-            ctx = multiprocessing.get_context("spawn")
+            # fork: fast, and works whatever the main module is. The pool is made before anything
+            # is read, so that no thread started by HF datasets is forked.
+            ctx = multiprocessing.get_context("fork")
             self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=(params, contexts))
         else:
             _init_worker(params, contexts)
@@ -117,24 +118,42 @@ def curate(sf: SourcesFile, workers: int = 1, progress: bool = False) -> Curated
     optouts = optout_set(entries) if entries else OptOutSet()
     params = {s.id: s.stages for s in sf.sources}
     contexts = {
-        s.id: StageContext(languages=s.language, wordlist=wordlist_path(s.stages["toxicity"], base), optout=optouts)
+        s.id: StageContext(
+            languages=s.language, wordlist=wordlist_path(s.stages["toxicity"], base), optout=optouts
+        )
         for s in sf.sources
     }
     for s in sf.sources:
         for key in ("threshold", "num_perm", "shingle"):
             if s.stages["dedup"][key] != sf.stages["dedup"][key]:
-                raise UserError(f"{sf.path}: sources[{s.id}].stages.dedup.{key}: set it under pipeline.dedup (one index for all)")
+                raise UserError(
+                    f"{sf.path}: sources[{s.id}].stages.dedup.{key}: set it under pipeline.dedup (one index for all)"
+                )
         if s.stages["toxicity"]["enabled"] and not contexts[s.id].wordlist.is_file():
-            raise UserError(f"{sf.path}: sources[{s.id}].stages.toxicity.wordlist: no such file {contexts[s.id].wordlist}")
+            raise UserError(
+                f"{sf.path}: sources[{s.id}].stages.toxicity.wordlist: no such file {contexts[s.id].wordlist}"
+            )
 
+    runner = _Runner(workers, params, contexts)
+    try:
+        return _run(sf, base, runner, entries, progress)
+    finally:
+        runner.close()
+
+
+def _run(sf: SourcesFile, base, runner: _Runner, entries: list[dict], progress: bool) -> Curated:
     # Read everything (in this process: reading is cheap next to the stages), in corpus order.
     docs: list[Doc] = []
     slots: list[dict | None] = []  # a problem's record, or None where a document goes
     seen_ids: set[str] = set()
     for s in sf.sources:
-        for item in tqdm(read_source(s, base), desc=f"read {s.id}", unit="doc", disable=not progress, leave=False):
+        for item in tqdm(
+            read_source(s, base), desc=f"read {s.id}", unit="doc", disable=not progress, leave=False
+        ):
             if isinstance(item, Doc) and item.id in seen_ids:
-                item = Problem(item.id, "read.duplicate_id", item.id, f"document id {item.id!r} appears twice")
+                item = Problem(
+                    item.id, "read.duplicate_id", item.id, f"document id {item.id!r} appears twice"
+                )
             if isinstance(item, Problem):
                 if s.errors == "fatal":
                     raise UserError(f"{item.where}: {item.message} (sources[{s.id}].errors is 'fatal')")
@@ -149,25 +168,23 @@ def curate(sf: SourcesFile, workers: int = 1, progress: bool = False) -> Curated
     dedup_at = sf.order.index("dedup")
     before = [n for n in sf.order[:dedup_at] if n in PER_DOC_STAGES]
     after = [n for n in sf.order[dedup_at + 1 :] if n in PER_DOC_STAGES]
-    runner = _Runner(min(workers, max(1, len(docs) // 8)), params, contexts)
-    try:
-        for stage_names in (before, "dedup", after):
-            alive = [(i, d) for i, d in enumerate(docs) if rules[i] is None]
-            if stage_names == "dedup":
-                _dedup(sf, docs, alive, rules, dup_of, runner, progress)
-                continue
-            if not stage_names:
-                continue
-            bar = tqdm(total=len(alive), desc="+".join(stage_names), unit="doc", disable=not progress, leave=False)
-            tasks = ((stage_names, b) for b in _batches(alive, lambda d: len(d.content())))
-            for result in runner.imap(_stage_batch, tasks):
-                for i, doc, rule in result:
-                    docs[i] = doc
-                    rules[i] = rule
-                bar.update(len(result))
-            bar.close()
-    finally:
-        runner.close()
+    for stage_names in (before, "dedup", after):
+        alive = [(i, d) for i, d in enumerate(docs) if rules[i] is None]
+        if stage_names == "dedup":
+            _dedup(sf, docs, alive, rules, dup_of, runner, progress)
+            continue
+        if not stage_names:
+            continue
+        bar = tqdm(
+            total=len(alive), desc="+".join(stage_names), unit="doc", disable=not progress, leave=False
+        )
+        tasks = ((stage_names, b) for b in _batches(alive, lambda d: len(d.content())))
+        for result in runner.imap(_stage_batch, tasks):
+            for i, doc, rule in result:
+                docs[i] = doc
+                rules[i] = rule
+            bar.update(len(result))
+        bar.close()
     return _collect(sf, docs, slots, rules, dup_of, entries)
 
 

@@ -68,7 +68,9 @@ def _chunks(doc_id: str, source: Source, text: str, meta: dict) -> Iterator[Doc]
         yield Doc(id=doc_id, source=source.id, parent=doc_id, raw_sha256=raw_sha, text=text, meta=meta)
         return
     for k, piece in enumerate(pieces):
-        yield Doc(id=f"{doc_id}#{k:04d}", source=source.id, parent=doc_id, raw_sha256=raw_sha, text=piece, meta=meta)
+        yield Doc(
+            id=f"{doc_id}#{k:04d}", source=source.id, parent=doc_id, raw_sha256=raw_sha, text=piece, meta=meta
+        )
 
 
 def _metadata_rows(source: Source) -> dict[str, dict]:
@@ -84,37 +86,60 @@ def _metadata_rows(source: Source) -> dict[str, dict]:
 
 
 def _rel(path: Path) -> str:
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return str(path)
+    """The path as the user would type it: relative to the current directory when inside it."""
+    rel = os.path.relpath(path)
+    return str(path) if rel.startswith("..") else rel
 
 
 # ---------------------------------------------------------------------------------------- text
 
 
-def _read_text_files(source: Source) -> Iterator[Doc | Problem]:
-    """Format `text`: one document per file; its id from `id_pattern` on the file name."""
+def _load_documents(files: list[Path]) -> list[str]:
     import datasets
 
+    ds = datasets.load_dataset(
+        "text", data_files=[str(p) for p in files], sample_by="document", streaming=True, split="train"
+    )
+    return [ex["text"] for ex in ds]
+
+
+def _read_text_files(source: Source) -> Iterator[Doc | Problem]:
+    """Format `text`: one document per file; its id from `id_pattern` on the file name."""
     rows = _metadata_rows(source)
+    ids = []
     for path in source.files:
         if source.id_pattern is not None:
             m = source.id_pattern.search(path.name)
             if not m:
-                raise UserError(f"{path}: id_pattern {source.id_pattern.pattern!r} does not match the file name")
-            doc_id = m.group(1)
+                raise UserError(
+                    f"{path}: id_pattern {source.id_pattern.pattern!r} does not match the file name"
+                )
+            ids.append(m.group(1))
         else:
-            doc_id = f"{source.id}:{path.stem}"
-        try:
-            ds = datasets.load_dataset(
-                "text", data_files=[str(path)], sample_by="document", streaming=True, split="train"
+            ids.append(f"{source.id}:{path.stem}")
+    # One streaming load for all files (HF's per-load set-up costs more than reading them); if one
+    # file is not UTF-8 or is empty, the counts do not line up: read them one by one to say which.
+    texts: list[str | UnicodeDecodeError] | None = None
+    try:
+        texts = _load_documents(source.files)
+    except UnicodeDecodeError:
+        pass
+    if texts is None or len(texts) != len(source.files):
+        texts = []
+        for path in source.files:
+            try:
+                texts.append("\n".join(_load_documents([path])))
+            except UnicodeDecodeError as e:
+                texts.append(e)
+    for path, doc_id, text in zip(source.files, ids, texts):
+        if isinstance(text, UnicodeDecodeError):
+            yield Problem(
+                doc_id,
+                "read.invalid_utf8",
+                f"{_rel(path)}:byte {text.start}",
+                f"invalid UTF-8 ({text.reason})",
             )
-            texts = [ex["text"] for ex in ds]
-        except UnicodeDecodeError as e:
-            yield Problem(doc_id, "read.invalid_utf8", f"{_rel(path)}:byte {e.start}", f"invalid UTF-8 ({e.reason})")
             continue
-        text = "\n".join(texts)
         if not text.strip():
             yield Problem(doc_id, "read.empty", _rel(path), "empty document")
             continue
@@ -127,7 +152,9 @@ def _read_text_files(source: Source) -> Iterator[Doc | Problem]:
 
 def _record_to_doc(record: object, source: Source, default_id: str, where: str) -> Doc | Problem | list[Doc]:
     if not isinstance(record, dict):
-        return Problem(default_id, "read.bad_field", where, f"expected a JSON object, got {type(record).__name__}")
+        return Problem(
+            default_id, "read.bad_field", where, f"expected a JSON object, got {type(record).__name__}"
+        )
     doc_id = default_id
     if source.id_field is not None:
         if source.id_field not in record:
@@ -141,27 +168,45 @@ def _record_to_doc(record: object, source: Source, default_id: str, where: str) 
         messages = record.get(source.messages_field)
         if messages is None:
             return Problem(doc_id, "read.missing_field", where, f"missing field {source.messages_field!r}")
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            )
         ):
-            return Problem(doc_id, "read.bad_field", where, f"{source.messages_field!r} is not a list of {{role, content}}")
+            return Problem(
+                doc_id,
+                "read.bad_field",
+                where,
+                f"{source.messages_field!r} is not a list of {{role, content}}",
+            )
         if not any(m["content"].strip() for m in messages):
             return Problem(doc_id, "read.empty", where, "empty document")
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
         raw_sha = hashlib.sha256(json.dumps(messages, ensure_ascii=False).encode("utf-8")).hexdigest()
-        return Doc(id=doc_id, source=source.id, parent=doc_id, raw_sha256=raw_sha, messages=messages, meta=meta)
+        return Doc(
+            id=doc_id, source=source.id, parent=doc_id, raw_sha256=raw_sha, messages=messages, meta=meta
+        )
     if source.template is not None:
         try:
             text = source.template.format(**record)
         except KeyError as e:
-            return Problem(doc_id, "read.missing_field", where, f"missing field {e.args[0]!r} (used by the template)")
+            return Problem(
+                doc_id, "read.missing_field", where, f"missing field {e.args[0]!r} (used by the template)"
+            )
     else:
         if source.text_field not in record:
             return Problem(doc_id, "read.missing_field", where, f"missing text field {source.text_field!r}")
         text = record[source.text_field]
         if not isinstance(text, str):
-            return Problem(doc_id, "read.bad_field", where, f"field {source.text_field!r} is {type(text).__name__}, not text")
+            return Problem(
+                doc_id,
+                "read.bad_field",
+                where,
+                f"field {source.text_field!r} is {type(text).__name__}, not text",
+            )
     if not text.strip():
         return Problem(doc_id, "read.empty", where, "empty document")
     return list(_chunks(doc_id, source, text, meta))
@@ -179,14 +224,19 @@ def _read_jsonl(source: Source) -> Iterator[Doc | Problem]:
                 if not raw.strip():
                     continue  # blank lines separate nothing in JSON Lines
                 try:
-                    line = raw.decode("utf-8")
+                    line = raw.rstrip(b"\r\n").decode("utf-8")
                 except UnicodeDecodeError as e:
                     yield Problem(default_id, "read.invalid_utf8", where, f"invalid UTF-8 at byte {e.start}")
                     continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield Problem(default_id, "read.malformed_json", where, f"malformed JSON ({e.msg}, column {e.colno})")
+                    yield Problem(
+                        default_id,
+                        "read.malformed_json",
+                        where,
+                        f"malformed JSON ({e.msg}, column {e.colno})",
+                    )
                     continue
                 out = _record_to_doc(record, source, default_id, where)
                 yield from out if isinstance(out, list) else [out]
@@ -200,9 +250,13 @@ def _read_with_datasets(source: Source) -> Iterator[Doc | Problem]:
         hf = source.hf_dataset
         label = f"hf:{hf['name']}"
         try:
-            streams = [(label, datasets.load_dataset(hf["name"], hf["config"], split=hf["split"], streaming=True))]
+            streams = [
+                (label, datasets.load_dataset(hf["name"], hf["config"], split=hf["split"], streaming=True))
+            ]
         except Exception as e:  # datasets raises many types; the message is what the user needs
-            raise UserError(f"sources[{source.id}].hf_dataset: cannot load {hf['name']!r} offline: {e}") from None
+            raise UserError(
+                f"sources[{source.id}].hf_dataset: cannot load {hf['name']!r} offline: {e}"
+            ) from None
     else:
         builder = {"json": "json", "parquet": "parquet", "arrow": "arrow"}[source.format]
         streams = [
@@ -232,7 +286,14 @@ def read_source(source: Source, base: Path) -> Iterator[Doc | Problem]:
                 yield from _chunks(doc_id, source, content, meta)
             else:
                 raw_sha = hashlib.sha256(json.dumps(content, ensure_ascii=False).encode("utf-8")).hexdigest()
-                yield Doc(id=doc_id, source=source.id, parent=doc_id, raw_sha256=raw_sha, messages=content, meta=meta)
+                yield Doc(
+                    id=doc_id,
+                    source=source.id,
+                    parent=doc_id,
+                    raw_sha256=raw_sha,
+                    messages=content,
+                    meta=meta,
+                )
     elif source.format == "text":
         yield from _read_text_files(source)
     elif source.format == "jsonl":

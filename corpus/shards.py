@@ -36,7 +36,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def write_shard(prefix: str | os.PathLike, docs: Iterable[np.ndarray | tuple[np.ndarray, np.ndarray]]) -> dict:
+def write_shard(
+    prefix: str | os.PathLike, docs: Iterable[np.ndarray | tuple[np.ndarray, np.ndarray]]
+) -> dict:
     """Write one shard from documents (token arrays, or (tokens, mask) pairs); return its .json record.
 
     Data files are written under temporary names and renamed; the .json comes last.

@@ -141,7 +141,9 @@ def _merge_stage_params(base: dict[str, dict], overrides: Any, where: str) -> di
             default = STAGE_DEFAULTS[stage][key]
             if default is not None and not isinstance(value, type(default)):
                 # ints are acceptable where a float is expected
-                if not (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
+                if not (
+                    isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)
+                ):
                     raise UserError(
                         f"{where}.{stage}.{key}: expected {type(default).__name__}, got {value!r}"
                     )
@@ -163,7 +165,9 @@ def _resolve_paths(patterns: Any, base: Path, where: str, never_read: list[str])
             rel = Path(m).resolve()
             for banned in never_read:
                 if fnmatch.fnmatch(str(rel), banned) or fnmatch.fnmatch(str(rel), f"*/{banned.lstrip('*/')}"):
-                    raise UserError(f"{where}: {m} is an evaluation set (never_read {banned!r}); never train on it")
+                    raise UserError(
+                        f"{where}: {m} is an evaluation set (never_read {banned!r}); never train on it"
+                    )
             files.append(Path(m))
     return files
 
@@ -186,11 +190,15 @@ def _parse_source(raw: Any, i: int, top: SourcesFile, base: Path) -> Source:
         raise UserError(f"{where}.id: {sid!r} must be lower-case letters, digits, '_', '-', '.'")
     where = f"{top.path}: sources[{sid}]"
     licence = check_licence(raw["licence"], f"{where}.licence")
-    conditions = conditions_for(licence, _typed(raw.get("conditions", {}), dict, f"{where}.conditions", "a mapping"), where)
+    conditions = conditions_for(
+        licence, _typed(raw.get("conditions", {}), dict, f"{where}.conditions", "a mapping"), where
+    )
     language = raw["language"]
     language = [language] if isinstance(language, str) else language
     if not isinstance(language, list) or not language or not all(isinstance(x, str) for x in language):
-        raise UserError(f"{where}.language: expected a language code or a list of them, got {raw['language']!r}")
+        raise UserError(
+            f"{where}.language: expected a language code or a list of them, got {raw['language']!r}"
+        )
     kind = raw.get("kind", "text")
     if kind not in KINDS:
         raise UserError(f"{where}.kind: {kind!r} is not one of {list(KINDS)}")
@@ -203,7 +211,9 @@ def _parse_source(raw: Any, i: int, top: SourcesFile, base: Path) -> Source:
         url=_typed(raw["url"], str, f"{where}.url", "a string"),
         conditions=conditions,
         notice=raw.get("notice"),
-        chunk_chars=_typed(raw.get("chunk_chars", top.chunk_chars), int, f"{where}.chunk_chars", "an integer"),
+        chunk_chars=_typed(
+            raw.get("chunk_chars", top.chunk_chars), int, f"{where}.chunk_chars", "an integer"
+        ),
         errors=raw.get("errors", top.errors),
     )
     if src.errors not in ERROR_POLICIES:
@@ -212,7 +222,9 @@ def _parse_source(raw: Any, i: int, top: SourcesFile, base: Path) -> Source:
         raise UserError(f"{where}.chunk_chars: {src.chunk_chars} is too small (at least 1000)")
     origins = [k for k in ("generator", "paths", "hf_dataset") if k in raw]
     if len(origins) != 1:
-        raise UserError(f"{where}: needs exactly one of 'paths', 'hf_dataset', 'generator' (got {origins or 'none'})")
+        raise UserError(
+            f"{where}: needs exactly one of 'paths', 'hf_dataset', 'generator' (got {origins or 'none'})"
+        )
     if "generator" in raw:
         src.generator = raw["generator"]
         if src.generator not in GENERATORS:
@@ -233,9 +245,15 @@ def _parse_source(raw: Any, i: int, top: SourcesFile, base: Path) -> Source:
             src.files = _resolve_paths(raw["paths"], base, f"{where}.paths", top.never_read)
         else:
             hf = _check_keys(raw["hf_dataset"], {"name", "config", "split"}, {"name"}, f"{where}.hf_dataset")
-            src.hf_dataset = {"name": hf["name"], "config": hf.get("config"), "split": hf.get("split", "train")}
+            src.hf_dataset = {
+                "name": hf["name"],
+                "config": hf.get("config"),
+                "split": hf.get("split", "train"),
+            }
             if "test" in str(src.hf_dataset["split"]):
-                raise UserError(f"{where}.hf_dataset.split: {src.hf_dataset['split']!r} is an evaluation split")
+                raise UserError(
+                    f"{where}.hf_dataset.split: {src.hf_dataset['split']!r} is an evaluation split"
+                )
         for key in ("text_field", "messages_field", "id_field"):
             if key in raw:
                 setattr(src, key, _typed(raw[key], str, f"{where}.{key}", "a field name"))
@@ -253,11 +271,15 @@ def _parse_source(raw: Any, i: int, top: SourcesFile, base: Path) -> Source:
             if src.id_pattern.groups != 1:
                 raise UserError(f"{where}.id_pattern: needs exactly one group (the document id)")
         if "metadata" in raw:
-            m = _check_keys(raw["metadata"], {"csv", "key", "fields"}, {"csv", "key", "fields"}, f"{where}.metadata")
+            m = _check_keys(
+                raw["metadata"], {"csv", "key", "fields"}, {"csv", "key", "fields"}, f"{where}.metadata"
+            )
             csv_path = base / m["csv"]
             if not csv_path.is_file():
                 raise UserError(f"{where}.metadata.csv: {m['csv']!r}: no such file (looked for {csv_path})")
-            src.metadata = MetadataTable(csv_path, m["key"], _typed(m["fields"], dict, f"{where}.metadata.fields", "a mapping"))
+            src.metadata = MetadataTable(
+                csv_path, m["key"], _typed(m["fields"], dict, f"{where}.metadata.fields", "a mapping")
+            )
         if "meta_fields" in raw:
             src.meta_fields = _typed(raw["meta_fields"], dict, f"{where}.meta_fields", "a mapping")
     src.stages = _merge_stage_params(top.stages, raw.get("stages", {}), f"{where}.stages")
@@ -278,13 +300,17 @@ def load_sources(path: str | Path) -> SourcesFile:
     release = _check_keys(raw["release"], {"licence"}, {"licence"}, f"{path}: release")
     pipeline = _check_keys(raw.get("pipeline", {}), _PIPELINE_KEYS, set(), f"{path}: pipeline")
     split = _check_keys(raw.get("split", {}), {"val_fraction"}, set(), f"{path}: split")
-    tok = _check_keys(raw.get("tokenizer", {}), {"vocab_size", "sample_bytes_per_source"}, set(), f"{path}: tokenizer")
+    tok = _check_keys(
+        raw.get("tokenizer", {}), {"vocab_size", "sample_bytes_per_source"}, set(), f"{path}: tokenizer"
+    )
     shards = _check_keys(raw.get("shards", {}), {"max_tokens"}, set(), f"{path}: shards")
     order = pipeline.get("order", list(DEFAULT_ORDER))
     if not isinstance(order, list) or sorted(order) != sorted(DEFAULT_ORDER):
         raise UserError(f"{path}: pipeline.order: expected each of {list(DEFAULT_ORDER)} once, got {order!r}")
     if order.index("normalise") != 0:
-        raise UserError(f"{path}: pipeline.order: 'normalise' must come first (the other stages expect NFC text)")
+        raise UserError(
+            f"{path}: pipeline.order: 'normalise' must come first (the other stages expect NFC text)"
+        )
     never_read = raw.get("never_read", DEFAULT_NEVER_READ)
     top = SourcesFile(
         path=path,
@@ -294,16 +320,25 @@ def load_sources(path: str | Path) -> SourcesFile:
         never_read=_typed(never_read, list, f"{path}: never_read", "a list of globs"),
         order=order,
         errors=pipeline.get("errors", "skip"),
-        chunk_chars=_typed(pipeline.get("chunk_chars", 20000), int, f"{path}: pipeline.chunk_chars", "an integer"),
+        chunk_chars=_typed(
+            pipeline.get("chunk_chars", 20000), int, f"{path}: pipeline.chunk_chars", "an integer"
+        ),
         stages=_merge_stage_params(
             STAGE_DEFAULTS, {k: v for k, v in pipeline.items() if k in STAGE_DEFAULTS}, f"{path}: pipeline"
         ),
-        val_fraction=float(_typed(split.get("val_fraction", 0.02), (int, float), f"{path}: split.val_fraction", "a number")),
+        val_fraction=float(
+            _typed(split.get("val_fraction", 0.02), (int, float), f"{path}: split.val_fraction", "a number")
+        ),
         vocab_size=_typed(tok.get("vocab_size", 8192), int, f"{path}: tokenizer.vocab_size", "an integer"),
         sample_bytes_per_source=_typed(
-            tok.get("sample_bytes_per_source", 2_000_000), int, f"{path}: tokenizer.sample_bytes_per_source", "an integer"
+            tok.get("sample_bytes_per_source", 2_000_000),
+            int,
+            f"{path}: tokenizer.sample_bytes_per_source",
+            "an integer",
         ),
-        shard_max_tokens=_typed(shards.get("max_tokens", 1 << 24), int, f"{path}: shards.max_tokens", "an integer"),
+        shard_max_tokens=_typed(
+            shards.get("max_tokens", 1 << 24), int, f"{path}: shards.max_tokens", "an integer"
+        ),
         sources=[],
         raw=raw,
     )

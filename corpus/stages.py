@@ -52,7 +52,7 @@ STAGE_DEFAULTS: dict[str, dict] = {
         "max_dup_7gram": 0.13,
         "max_dup_10gram": 0.10,
     },
-    "langid": {"enabled": True, "min_prob": 0.5, "max_chars": 3000},
+    "langid": {"enabled": True, "min_prob": 0.5, "max_chars": 1500},
     "toxicity": {"enabled": True, "wordlist": "default", "max_ratio": 0.002, "min_count": 3},
     "pii": {"enabled": True, "kinds": ["email", "phone", "iban", "nir", "ip"], "replacement": "<{KIND}>"},
     "dedup": {"enabled": True, "exact": True, "near": True, "threshold": 0.8, "num_perm": 128, "shingle": 5},
@@ -105,17 +105,15 @@ _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f\u200b\ufeff]")
 _SPACES = re.compile(r"[ \t]+")
 
 
+_SPACES_AROUND_NEWLINE = re.compile(r" *\n *")
+
+
 def normalise_text(text: str, form: str = "NFC", max_blank_lines: int = 1) -> str:
     text = unicodedata.normalize(form, text)
     text = _CONTROL.sub("", _LINE_BREAKS.sub("\n", text))
-    lines = [_SPACES.sub(" ", line).strip(" ") for line in text.split("\n")]
-    out: list[str] = []
-    blank = 0
-    for line in lines:
-        blank = blank + 1 if not line else 0
-        if blank <= max_blank_lines:
-            out.append(line)
-    return "\n".join(out).strip("\n")
+    text = _SPACES_AROUND_NEWLINE.sub("\n", _SPACES.sub(" ", text))
+    text = re.sub(f"\n{{{max_blank_lines + 2},}}", "\n" * (max_blank_lines + 1), text)
+    return text.strip(" \n")
 
 
 def normalise(doc: Doc, p: dict, ctx: StageContext) -> str | None:
@@ -138,7 +136,9 @@ STOP_WORDS = {
     ),
 }
 _BULLET = re.compile(r"^\s*[-*•‣◦▪–]\s")
-_STRIP_PUNCT = re.compile(r"^\W+|\W+$")
+_ALPHA_WORD = re.compile(r"\S*[^\W\d_]\S*")  # a whitespace-separated word holding a letter
+_DIGIT = re.compile(r"\d")
+_WORD = re.compile(r"\w+(?:['’]\w+)*")
 
 
 def _ngram_hashes(word_ids: np.ndarray, n: int) -> np.ndarray:
@@ -157,7 +157,7 @@ def quality_rule(text: str, p: dict, languages: list[str]) -> str | None:
         return "quality.min_words"
     if n > p["max_words"]:
         return "quality.max_words"
-    lengths = np.fromiter((len(w) for w in words), dtype=np.int64, count=n)
+    lengths = np.fromiter(map(len, words), dtype=np.int64, count=n)
     mean_len = lengths.mean()
     if not p["min_mean_word_length"] <= mean_len <= p["max_mean_word_length"]:
         return "quality.mean_word_length"
@@ -168,7 +168,10 @@ def quality_rule(text: str, p: dict, languages: list[str]) -> str | None:
     if lines:
         if sum(1 for line in lines if _BULLET.match(line)) / len(lines) > p["max_bullet_lines"]:
             return "quality.bullet_lines"
-        if sum(1 for line in lines if line.rstrip().endswith(("…", "..."))) / len(lines) > p["max_ellipsis_lines"]:
+        if (
+            sum(1 for line in lines if line.rstrip().endswith(("…", "..."))) / len(lines)
+            > p["max_ellipsis_lines"]
+        ):
             return "quality.ellipsis_lines"
         seen: set[str] = set()
         dup_lines = dup_chars = 0
@@ -181,18 +184,19 @@ def quality_rule(text: str, p: dict, languages: list[str]) -> str | None:
             return "quality.dup_lines"
         if dup_chars / max(1, sum(len(line) for line in lines)) > p["max_dup_line_char_fraction"]:
             return "quality.dup_line_chars"
-    if sum(1 for w in words if any(c.isalpha() for c in w)) / n < p["min_alpha_words"]:
+    if len(_ALPHA_WORD.findall(text)) / n < p["min_alpha_words"]:
         return "quality.alpha_words"
-    if sum(c.isdigit() for c in text) / max(1, len(text)) > p["max_digit_ratio"]:
+    if len(_DIGIT.findall(text)) / max(1, len(text)) > p["max_digit_ratio"]:
         return "quality.digit_ratio"
     stop = set().union(*(STOP_WORDS.get(lang, set()) for lang in languages))
     if stop:
-        hits = sum(1 for w in words if _STRIP_PUNCT.sub("", w.lower()) in stop)
+        hits = sum(map(stop.__contains__, _WORD.findall(text.lower())))
         if hits < p["min_stop_words"]:
             return "quality.stop_words"
-    # Repetition (Gopher): words → ids, n-grams → 64-bit hashes, counted with numpy.
-    vocab: dict[str, int] = {}
-    ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.int64, count=n)
+    # Repetition (Gopher): words → 64-bit hashes, n-grams → combined hashes, counted with numpy. Python's
+    # str hash is salted per process, but only equality within this text matters: the outcome is the
+    # same in every process (up to a 2^-64 collision).
+    ids = np.fromiter(map(hash, words), dtype=np.int64, count=n)
     total_chars = lengths.sum()
     for size in (2, 3, 4):
         if n >= size:
@@ -230,7 +234,7 @@ def _language_identifier():
     return LanguageIdentifier.from_modelpath(Path(MODEL_DIR) / MODEL_FILE, norm_probs=True)
 
 
-def detect_language(text: str, max_chars: int = 3000) -> tuple[str, float]:
+def detect_language(text: str, max_chars: int = 1500) -> tuple[str, float]:
     lang, prob = _language_identifier().classify(text[:max_chars])
     return str(lang), float(prob)
 
@@ -247,12 +251,12 @@ def langid(doc: Doc, p: dict, ctx: StageContext) -> str | None:
 # ------------------------------------------------------------------------------------- toxicity
 
 DEFAULT_WORDLIST = Path(__file__).with_name("data") / "toxic_words.txt"
-_WORD = re.compile(r"\w+(?:['’]\w+)*")
+_COMBINING = re.compile(r"[\u0300-\u036f]")
 
 
-def _fold(word: str) -> str:
+def _fold(text: str) -> str:
     """Lower-case without accents, so that 'Pédé' and 'pede' match the same list entry."""
-    return "".join(c for c in unicodedata.normalize("NFD", word.lower()) if not unicodedata.combining(c))
+    return _COMBINING.sub("", unicodedata.normalize("NFD", text.lower()))
 
 
 @functools.cache
@@ -274,8 +278,8 @@ def wordlist_path(p: dict, base: Path | None = None) -> Path:
 
 def toxicity(doc: Doc, p: dict, ctx: StageContext) -> str | None:
     listed = load_wordlist(str(ctx.wordlist))
-    words = _WORD.findall(doc.content())
-    hits = sum(1 for w in words if _fold(w) in listed)
+    words = _WORD.findall(_fold(doc.content()))
+    hits = sum(map(listed.__contains__, words))
     if hits >= p["min_count"] and hits / max(1, len(words)) > p["max_ratio"]:
         return "toxicity.wordlist"
     return None
@@ -294,7 +298,9 @@ _NIR = re.compile(
 # French numbers: 0X XX XX XX XX, +33 X XX XX XX XX, 0033 …; international: + then 7–15 digits.
 _PHONE_FR = re.compile(r"(?<![\w+])(?:(?:\+|00)33[ .-]?(?:\(0\)[ .-]?)?|0)[1-9](?:[ .-]?\d{2}){4}(?!\d)")
 _PHONE_INTL = re.compile(r"(?<![\w+])\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}(?!\d)")
-_IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])")
+_IPV4 = re.compile(
+    r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])"
+)
 _IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
 
 
@@ -326,22 +332,25 @@ def _ipv6_valid(candidate: str) -> bool:
 
 
 # Order matters: IBANs and NIRs contain digit runs that the phone patterns would also take.
+# Each pattern comes with a cheap hint: when the hint is absent from a text (most prose), the
+# pattern (slow: look-behinds at every position) is not run at all.
+_DIGIT_RUN = re.compile(r"\d[\d .()-]{5,}\d")
 _PII_PATTERNS = [
-    ("email", _EMAIL, None),
-    ("iban", _IBAN, iban_valid),
-    ("nir", _NIR, nir_valid),
-    ("ip", _IPV6, _ipv6_valid),
-    ("ip", _IPV4, None),
-    ("phone", _PHONE_FR, None),
-    ("phone", _PHONE_INTL, lambda s: 7 <= sum(c.isdigit() for c in s) <= 15),
+    ("email", _EMAIL, None, re.compile("@")),
+    ("iban", _IBAN, iban_valid, re.compile(r"[A-Z]{2}\d{2}")),
+    ("nir", _NIR, nir_valid, _DIGIT_RUN),
+    ("ip", _IPV6, _ipv6_valid, re.compile(r"[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:")),
+    ("ip", _IPV4, None, re.compile(r"\d\.\d{1,3}\.\d{1,3}\.\d")),
+    ("phone", _PHONE_FR, None, _DIGIT_RUN),
+    ("phone", _PHONE_INTL, lambda s: 7 <= sum(c.isdigit() for c in s) <= 15, re.compile(r"\+\d")),
 ]
 
 
 def redact_pii(text: str, kinds: list[str], replacement: str = "<{KIND}>") -> tuple[str, dict[str, int]]:
     """Replace each PII match by `replacement` (formatted with kind / KIND); count them per kind."""
     counts: dict[str, int] = {}
-    for kind, pattern, valid in _PII_PATTERNS:
-        if kind not in kinds:
+    for kind, pattern, valid, hint in _PII_PATTERNS:
+        if kind not in kinds or not hint.search(text):
             continue
 
         def sub(m: re.Match, kind=kind, valid=valid) -> str:
@@ -378,7 +387,9 @@ class OptOutSet:
     urls: tuple[str, ...] = ()  # fnmatch patterns on the full URL
     domains: tuple[str, ...] = ()  # fnmatch patterns on the host name
 
-    def match(self, doc_id: str, parent: str, shas: tuple[str, ...], author: str | None, url: str | None) -> str | None:
+    def match(
+        self, doc_id: str, parent: str, shas: tuple[str, ...], author: str | None, url: str | None
+    ) -> str | None:
         """The opt-out rule matching this document, or None."""
         if doc_id in self.doc_ids or parent in self.doc_ids:
             return "optout.doc_id"

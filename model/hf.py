@@ -164,7 +164,11 @@ def hf_config(
         "torch_dtype": torch_dtype,
         "use_cache": True,
     }
-    for key, value in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
+    for key, value in (
+        ("bos_token_id", bos_token_id),
+        ("eos_token_id", eos_token_id),
+        ("pad_token_id", pad_token_id),
+    ):
         if value is not None:
             d[key] = value
     return d
@@ -190,7 +194,9 @@ def model_config_from_hf(d: dict, **overrides) -> ModelConfig:
         scaling = RopeScaling()
     elif rope_type == "linear":
         factor = float(rope["factor"])
-        original = rope.get("original_max_position_embeddings") or math.ceil(d["max_position_embeddings"] / factor)
+        original = rope.get("original_max_position_embeddings") or math.ceil(
+            d["max_position_embeddings"] / factor
+        )
         scaling = RopeScaling(type="linear", factor=factor, original_max_seq_len=int(original))
     elif rope_type == "llama3":
         scaling = RopeScaling(

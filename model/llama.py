@@ -107,7 +107,11 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             _bad("n_kv_heads", self.n_kv_heads, f"must divide n_heads={self.n_heads}")
         if self.head_dim % 2:
-            _bad("n_heads", self.n_heads, f"gives an odd head dim {self.head_dim} (dim / n_heads); RoPE needs it even")
+            _bad(
+                "n_heads",
+                self.n_heads,
+                f"gives an odd head dim {self.head_dim} (dim / n_heads); RoPE needs it even",
+            )
         for name in ("rope_theta", "norm_eps", "init_std"):
             if not getattr(self, name) > 0:
                 _bad(name, getattr(self, name), "must be > 0")
@@ -231,7 +235,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
     """(Dh/2,) fp32 angular frequencies theta^(-2i/Dh), stretched by cfg.rope_scaling."""
     Dh, rs = cfg.head_dim, cfg.rope_scaling
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, Dh, 2, dtype=torch.int64).to(device, torch.float) / Dh))
+    inv_freq = 1.0 / (
+        cfg.rope_theta ** (torch.arange(0, Dh, 2, dtype=torch.int64).to(device, torch.float) / Dh)
+    )
     if rs.type == "linear":
         inv_freq = inv_freq / rs.factor
     elif rs.type == "llama3":
@@ -241,14 +247,18 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> torch
         low_wavelen = rs.original_max_seq_len / rs.low_freq_factor
         high_wavelen = rs.original_max_seq_len / rs.high_freq_factor
         scaled = torch.where(wavelen > low_wavelen, inv_freq / rs.factor, inv_freq)
-        smooth = (rs.original_max_seq_len / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+        smooth = (rs.original_max_seq_len / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor
+        )
         blended = (1 - smooth) * scaled / rs.factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv_freq = torch.where(medium, blended, scaled)
     return inv_freq
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
     """cos, sin of shape (B, T, 1, Dh) for positions (B, T), in the rotate_half layout [f, f]."""
     angles = positions[..., None].float() * inv_freq  # (B, T, Dh/2)
     angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # (B, T, 1, Dh): broadcast over heads
@@ -260,7 +270,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
     """q (B, T, H, Dh), k (B, T, H_kv, Dh), cos/sin (B, T, 1, Dh)."""
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
@@ -280,7 +292,9 @@ def attention_mask(position_ids: torch.Tensor | None, T: int, device: torch.devi
     return (causal & same_doc)[:, None]  # (B, 1, T, T): broadcast over heads
 
 
-def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(Dh) masked) v, plain maths. q (B, H, T, Dh); k, v (B, H_kv, S, Dh);
     allowed (B or 1, 1, T, S) bool. Returns (B, H, T, Dh)."""
     groups = q.shape[1] // k.shape[1]
@@ -323,7 +337,9 @@ class KVCache:
     length: int = 0
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+    def empty(
+        cls, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> KVCache:
         shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)  # (B, H_kv, S_max, Dh)
         return cls(
             k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)],
@@ -415,7 +431,12 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: ops.Mask, cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: ops.Mask,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache)
         return x + self.feed_forward(self.ffn_norm(x))
@@ -428,7 +449,7 @@ class OutputHead(nn.Linear):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg.dim, cfg.padded_vocab_size, bias=False)
-        self.kernels = cfg.kernels
+        self.kernels, self.compiled = cfg.kernels, cfg.compile
 
     def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None:
@@ -437,7 +458,7 @@ class OutputHead(nn.Linear):
         targets = targets.reshape(-1)  # (B*T,)
         if self.kernels == "reference":
             return cross_entropy_reference(h, self.weight, targets)
-        return ops.linear_cross_entropy(h, self.weight, targets, self.kernels)
+        return ops.linear_cross_entropy(h, self.weight, targets, self.kernels, compiled=self.compiled)
 
 
 class Transformer(nn.Module):
@@ -502,7 +523,9 @@ class Transformer(nn.Module):
         if cache is None:
             mask = ops.make_mask(cfg.attention, position_ids, B, T, input_ids.device, h.dtype)
         else:
-            mask = ops.Mask(backend="reference" if cfg.attention == "reference" else "sdpa", dense=cache.attention_mask(T))
+            mask = ops.Mask(
+                backend="reference" if cfg.attention == "reference" else "sdpa", dense=cache.attention_mask(T)
+            )
         for block in self.layers:
             if cfg.checkpoint_activations and torch.is_grad_enabled() and cache is None:
                 h = checkpoint(block, h, cos, sin, mask, use_reentrant=False)

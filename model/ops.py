@@ -97,7 +97,9 @@ def use_liger(kernels: str, x: torch.Tensor) -> bool:
     if kernels == "liger" and not ok:
         why = "no CUDA tensor" if not x.is_cuda else "liger-kernel not installed"
         raise ValueError(f"ModelConfig.kernels='liger' cannot run: {why}")
-    _log_choice(f"kernels[{x.device.type}]", "liger" if ok else "torch", "auto" if kernels == "auto" else "requested")
+    _log_choice(
+        f"kernels[{x.device.type}]", "liger" if ok else "torch", "auto" if kernels == "auto" else "requested"
+    )
     return ok
 
 
@@ -122,7 +124,12 @@ class Mask:
 
 
 def make_mask(
-    requested: str, position_ids: torch.Tensor | None, B: int, T: int, device: torch.device, dtype: torch.dtype
+    requested: str,
+    position_ids: torch.Tensor | None,
+    B: int,
+    T: int,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> Mask:
     from model.llama import attention_mask, document_ids  # the definitions; llama.py imports this module
 
@@ -245,11 +252,8 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
-        # d silu / d gate = sig * (1 + gate * (1 - sig))
-        grad_gate = grad * up * sig * (1 + gate * (1 - sig))
-        return grad_gate, grad * silu
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate)  # fused: grad * up * silu'(gate)
+        return grad_gate, grad * F.silu(gate)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, kernels: str) -> torch.Tensor:
@@ -308,6 +312,39 @@ def apply_rope(
 DEFAULT_CHUNK_ELEMENTS = 1 << 23  # logits per chunk (8 Mi: 32 MiB in fp32)
 
 
+def _cross_entropy_chunk(
+    h_c: torch.Tensor,
+    weight: torch.Tensor,
+    t_c: torch.Tensor,
+    s_c: torch.Tensor,
+    n_scored: torch.Tensor,
+    grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk of rows: (summed loss, gradient of the mean loss w.r.t. the chunk's logits or None).
+    h_c (n, D), weight (V, D), t_c (n,) targets, s_c (n,) scored mask, n_scored () float."""
+    acc = n_scored.dtype
+    logits = (h_c @ weight.t()).to(acc)  # (n, V)
+    safe_t = torch.where(s_c, t_c, 0)  # ignored rows point anywhere; they are zeroed below
+    target_logit = logits.gather(1, safe_t[:, None])  # (n, 1)
+    # logsumexp by hand, in place, so the softmax needed for the gradient comes for free
+    row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+    exp = logits.sub_(row_max).exp_()  # (n, V), overwrites the logits
+    sum_exp = exp.sum(dim=-1, keepdim=True)  # (n, 1)
+    loss_sum = ((row_max + sum_exp.log() - target_logit)[:, 0] * s_c).sum()
+    if not grads:
+        return loss_sum, None
+    row_scale = s_c.to(acc)[:, None] / n_scored  # (n, 1): 1/n_scored, 0 for ignored rows
+    grad_logits = exp.mul_(row_scale / sum_exp)  # (n, V) softmax * scale, in place
+    grad_logits[torch.arange(h_c.shape[0], device=h_c.device), safe_t] -= row_scale[:, 0]
+    return loss_sum, grad_logits.to(h_c.dtype)
+
+
+@functools.cache
+def _compiled_cross_entropy_chunk():
+    # Inductor fuses the softmax / gradient passes over the (n, V) chunk into a couple of loops.
+    return torch.compile(_cross_entropy_chunk, dynamic=False)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of logits = h W^T, chunk by chunk of tokens, gradients computed on the way.
 
@@ -319,7 +356,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_rows: int, grads: bool):
+    def forward(
+        ctx,
+        h: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk_rows: int,
+        grads: bool,
+        compiled: bool,
+    ):
         N = h.shape[0]
         scored = targets != IGNORE_INDEX  # (N,)
         acc = torch.promote_types(h.dtype, torch.float32)  # logits, loss and grad_W accumulate in >= fp32
@@ -329,32 +374,31 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         loss = torch.zeros((), dtype=acc, device=h.device)
+        chunk_fn = _compiled_cross_entropy_chunk() if compiled else _cross_entropy_chunk
         for start in range(0, N, chunk_rows):
             end = min(start + chunk_rows, N)
-            h_c, t_c, s_c = h[start:end], targets[start:end], scored[start:end]  # (n, D), (n,), (n,)
-            logits = (h_c @ weight.t()).to(acc)  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            safe_t = torch.where(s_c, t_c, 0)  # ignored rows point anywhere; they are zeroed below
-            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)  # (n,)
-            loss += ((lse - target_logit) * s_c).sum()
-            if need_h or need_w:
-                probs = logits.sub_(lse[:, None]).exp_()  # (n, V) softmax, in place of the logits
-                probs[torch.arange(end - start, device=h.device), safe_t] -= 1.0
-                grad_logits = (probs * (s_c.to(acc) / n_scored)[:, None]).to(h.dtype)  # (n, V)
-                if need_h:
-                    grad_h[start:end] = grad_logits @ weight  # (n, D)
-                if need_w:
-                    grad_w += grad_logits.t() @ h_c  # (V, D)
+            h_c = h[start:end]  # (n, D)
+            loss_sum, grad_logits = chunk_fn(
+                h_c, weight, targets[start:end], scored[start:end], n_scored, need_h or need_w
+            )
+            loss += loss_sum
+            if need_h:
+                torch.mm(grad_logits, weight, out=grad_h[start:end])  # (n, D)
+            if need_w:
+                if grad_w.dtype == h.dtype:
+                    grad_w.addmm_(grad_logits.t(), h_c)  # (V, D), in place
+                else:  # half-precision matmul, accumulated in fp32
+                    grad_w += grad_logits.t() @ h_c
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss / n_scored
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None
+        grad_h, grad_w = ctx.saved_tensors  # scaled in place: this graph is not back-propagated twice
+        gh = grad_h.mul_(grad_loss.to(grad_h.dtype)) if grad_h is not None else None
+        gw = grad_w.mul_(grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -363,12 +407,14 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     kernels: str = "torch",
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Mean cross-entropy over targets != -100 of logits = h weight^T, never holding all the logits.
-    h (N, D), weight (V, D), targets (N,). A () fp32 tensor (0 when nothing is scored)."""
+    h (N, D), weight (V, D), targets (N,). A () fp32 tensor (0 when nothing is scored). `compiled`: the
+    per-chunk maths goes through torch.compile (ModelConfig.compile)."""
     if use_liger(kernels, h):
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
         return liger_fused_linear_cross_entropy(h, weight, targets, ignore_index=IGNORE_INDEX)
     chunk_rows = max(1, chunk_elements // weight.shape[0])
-    return _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_rows, torch.is_grad_enabled())
+    return _ChunkedLinearCrossEntropy.apply(h, weight, targets, chunk_rows, torch.is_grad_enabled(), compiled)

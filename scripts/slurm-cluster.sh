@@ -79,7 +79,7 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # Credentials expire after 10 s: a requeued job is rerun after ~12 s instead of ~2 minutes.
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 SlurmctldPort=6817
 StateSaveLocation=$STATE/spool/ctld
 SlurmdSpoolDir=$STATE/spool/%n
@@ -136,6 +136,18 @@ start_munge() {
   fi
 }
 
+# Daemons of a cluster this script started from another state directory (COMMUNS_SLURM_DIR changed
+# between runs): found through the pidfiles named in the slurm.conf that /etc/slurm/slurm.conf points to.
+stop_previous_state() {
+  local conf f
+  conf=$(readlink -f "$SYSTEM_CONF" 2>/dev/null) || return 0
+  [ -f "$conf" ] && [ "$conf" != "$STATE/slurm.conf" ] || return 0
+  head -1 "$conf" | grep -qF "$MARKER" || return 0
+  for f in $(sed -n 's/^Slurm\(ctld\|d\)PidFile=//p' "$conf"); do
+    for f in ${f//%n/*}; do stop_pid "$(pid_of "$f")"; done
+  done
+}
+
 stop_daemons() {
   local f
   # slurmctld first (so it does not mark nodes down while they stop), then each slurmd, then munged.
@@ -163,6 +175,7 @@ cmd_up() {
   mkdir -p "$STATE"
   install_if_missing
   # A previous run (this script, or a CI job on a reused machine) may have left daemons: restart cleanly.
+  stop_previous_state
   stop_daemons
   # A fresh controller state: no stale jobs or node states from a previous run.
   rm -rf "$STATE/spool"

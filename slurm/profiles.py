@@ -21,7 +21,6 @@ import yaml
 from communs import UserError
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
-BACKENDS = ("nccl", "gloo")
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,6 @@ class Profile:
     startup_s: int
     # Sustained training throughput of one process, in TFLOP/s: only for estimating a step's time.
     sustained_tflops_per_proc: float
-    backend: str
     # Processes per node: the GPUs on a GPU profile; explicit on a CPU one (gpus_per_node: 0).
     procs_per_node: int
     qos: str | None = None
@@ -73,7 +71,6 @@ REQUIRED = (
     "signal_lead_s",
     "startup_s",
     "sustained_tflops_per_proc",
-    "backend",
 )
 OPTIONAL = (
     "description",
@@ -163,11 +160,6 @@ def profile_from_dict(raw: dict[str, Any], path: Path, environ: dict[str, str]) 
     procs = integer("procs_per_node", 1, default=gpus)
     if gpus and procs > gpus:
         raise UserError(f"{where}: 'procs_per_node' {procs} is more than the node's {gpus} GPUs")
-    backend = raw["backend"]
-    if backend not in BACKENDS:
-        raise UserError(f"{where}: 'backend' must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if gpus and backend != "nccl":
-        raise UserError(f"{where}: 'backend' must be nccl on a GPU profile, got {backend!r}")
     tflops = raw["sustained_tflops_per_proc"]
     if isinstance(tflops, bool) or not isinstance(tflops, (int, float)) or tflops <= 0:
         raise UserError(f"{where}: 'sustained_tflops_per_proc' must be a positive number, got {tflops!r}")
@@ -205,7 +197,6 @@ def profile_from_dict(raw: dict[str, Any], path: Path, environ: dict[str, str]) 
         signal_lead_s=signal_lead,
         startup_s=integer("startup_s", 0),
         sustained_tflops_per_proc=float(tflops),
-        backend=backend,
         procs_per_node=procs,
         qos=text("qos", optional=True),
         constraint=text("constraint", optional=True),
@@ -237,6 +228,8 @@ _TIME = re.compile(r"^(?:(\d+)-)?(\d+):(\d{2})(?::(\d{2}))?$")
 
 def parse_time(value: Any, where: str) -> int:
     """A Slurm time limit ("20:00:00", "1-12:00:00", "90:00" = minutes:seconds, or minutes) → seconds."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value * 60
     m = _TIME.match(str(value).strip()) if isinstance(value, str) else None

@@ -52,7 +52,8 @@ def make_launch(
                 f"gpus_per_node: {profile.gpus_per_node}"
             )
         procs = gpus_per_node
-    limit = profile.time_limit_s if time_limit_s is None else time_limit_s
+    # Slurm counts in whole minutes: the job gets the limit rounded up, and so do the checks.
+    limit = -(-(profile.time_limit_s if time_limit_s is None else time_limit_s) // 60) * 60
     if profile.max_time_limit_s is not None and limit > profile.max_time_limit_s:
         raise UserError(
             f"--time {format_time(limit)}: above the profile {profile.name}'s max_time_limit "
@@ -70,7 +71,7 @@ def check_time_limit(launch: Launch, checkpoint_interval: int, step_time_s: floa
     Otherwise every attempt would be lost work, or a periodic checkpoint would never be reached.
     """
     p = launch.profile
-    window = launch.time_limit_s - p.startup_s - p.signal_lead_s
+    window = max(0, launch.time_limit_s - p.startup_s - p.signal_lead_s)
     steps = max(1, checkpoint_interval)
     needed = steps * step_time_s
     if window < needed:
@@ -125,7 +126,6 @@ def setup_lines(profile: Profile) -> list[str]:
 def env_lines(profile: Profile, code_dir: Path) -> list[str]:
     # The code's checkout first on the path: `-m train` and `-m slurm.rank` import from it.
     lines = [f'export PYTHONPATH={shlex.quote(str(code_dir))}"${{PYTHONPATH:+:$PYTHONPATH}}"']
-    lines.append(f"export COMMUNS_DIST_BACKEND={profile.backend}")
     lines += [f"export {k}={shlex.quote(v)}" for k, v in profile.env.items()]
     return lines
 

@@ -1,6 +1,6 @@
 """`communs slurm status RUN`: where a run stands, from its run directory (and Slurm, when it answers).
 
-Read: RUN/summary.json (finished), RUN/metrics.jsonl (last logged phase, step, loss), RUN/checkpoints/
+Read: RUN/run.json and RUN/summary.json (the trainer's status), RUN/metrics.jsonl (last logged phase, step, loss), RUN/checkpoints/
 latest and its client.json (last committed checkpoint), RUN/slurm/submissions.jsonl (job ids) and
 RUN/slurm/events.jsonl (attempts, requeues, failures). `scontrol show job` adds the live state of each
 job when a controller answers; without one the view is the run directory's alone.
@@ -75,7 +75,8 @@ def run_status(run_dir: Path, query_slurm: bool = True) -> dict[str, Any]:
     """Everything `status` shows, as a dict (the CLI prints it; --json prints this)."""
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist")
-    summary = _read_json(run_dir / "summary.json")
+    summary = _read_json(run_dir / "summary.json") or {}
+    run_json = _read_json(run_dir / "run.json") or {}
     metrics = [m for m in _read_jsonl(run_dir / "metrics.jsonl") if "step" in m]
     last = metrics[-1] if metrics else None
     submissions = _read_jsonl(run_dir / "slurm" / "submissions.jsonl")
@@ -99,7 +100,10 @@ def run_status(run_dir: Path, query_slurm: bool = True) -> dict[str, Any]:
             jobs.append(entry)
     return {
         "run_dir": str(run_dir),
-        "finished": bool(summary and summary.get("status") == "finished"),
+        # The trainer's own word (run.json: running | preempted | finished | failed), summary.json's as well.
+        "finished": run_json.get("status") == "finished" or summary.get("status") == "finished",
+        "trainer_status": run_json.get("status"),
+        "error": run_json.get("error"),
         "phase": last.get("phase") if last else None,
         "step": last.get("step") if last else None,
         "loss": last.get("loss") if last else None,
@@ -122,7 +126,11 @@ def format_status(st: dict[str, Any]) -> str:
             state += f", loss {st['loss']:.4f}" if isinstance(st["loss"], float) else f", loss {st['loss']}"
     else:
         state = "no training step logged yet"
+    if st["trainer_status"] and not st["finished"]:
+        state += f" (trainer: {st['trainer_status']})"
     lines.append(f"state      {state}")
+    if st["error"]:
+        lines.append(f"error      {st['error']}")
     ck = st["last_checkpoint"]
     if ck:
         extra = ", ".join(f"{k} {ck[k]}" for k in ("phase", "step", "tokens") if k in ck)

@@ -94,12 +94,9 @@ class RunPlan:
         return self.slurm_dir / f"{prefix}{job.label}.sbatch"
 
 
-def render_jobs(
-    plan: RunPlan, python: str | None = None, code_dir: Path = CODE_DIR, job_prefix: str = ""
-) -> None:
+def render_jobs(plan: RunPlan, python: str | None = None, code_dir: Path = CODE_DIR) -> None:
     """Fill each job's script text (the run's paths, the profile's python or the submitting one)."""
     py = python or plan.launch.profile.python or sys.executable
-    prefix = job_prefix or plan.run_dir.name
     rendered = []
     for i, job in enumerate(plan.jobs):
         text = render_train_script(
@@ -108,7 +105,7 @@ def render_jobs(
             code_dir=code_dir,
             python=py,
             label=job.label,
-            job_name=f"{prefix}-{job.label}",
+            job_name=f"{plan.run_dir.name}-{job.label}",
             command=list(job.command),
             done_step=job.done_step,
             header=f"communs run {plan.run_dir.name}: job {i + 1}/{len(plan.jobs)} ({plan.chain}), {job.label}",

@@ -3,9 +3,12 @@
 Special ids are fixed by training (`tokenizer.train`): <unk>=0, <s>=1 (BOS), </s>=2 (EOS), <pad>=3,
 <|im_start|>=4, <|im_end|>=5. `encode` adds no BOS/EOS: the corpus writes documents as [bos] + ids + [eos].
 
-Encoding is sentencepiece's, with one rule on top (mirrored by the Hugging Face export): U+FDD0 (a Unicode
-noncharacter, `chat.SEGMENT_BREAK`) is dropped and the text on each side of it is encoded separately. The chat
-template relies on it to escape marker text typed by a user (see `tokenizer.chat`).
+Encoding is sentencepiece's, with two rules on top, both mirrored by the transformers export (tokenizer/hf.py):
+- U+FDD0 (a Unicode noncharacter, `chat.SEGMENT_BREAK`) is dropped and the text on each side of it is encoded
+  separately: the chat template escapes marker text typed by a user with it (see `tokenizer.chat`);
+- a text (or a segment between markers / U+FDD0) that spells exactly one piece is that piece: the export's
+  `ignore_merges`. It only changes anything for a text that is exactly "<s>", "</s>", "<unk>", "<pad>" or
+  "<0xNN>"; chat content can never form such a segment.
 """
 
 from __future__ import annotations
@@ -53,8 +56,8 @@ class Tokenizer:
                     f"{where}: special token {piece} has id {got}, expected {want} (not a communs tokenizer)"
                 )
         if any("\n" in self.sp.id_to_piece(i) for i in range(self.sp.get_piece_size())):
-            # The chat template relies on "\n" never merging with its neighbours (it is always the <0x0A>
-            # byte): a role header then encodes the same alone as in front of the message.
+            # "\n" must never merge with its neighbours (it stays the <0x0A> byte): long texts are encoded
+            # line by line, and a chat role header encodes the same alone as in front of its message.
             raise UserError(f"{where}: a piece contains a newline; train with `communs tokenizer train`")
         self.vocab_size: int = self.sp.get_piece_size()
         self.unk_id: int = self.sp.unk_id()
@@ -103,30 +106,29 @@ class Tokenizer:
         """
         if isinstance(texts, str):
             raise TypeError("encode_batch takes a list of texts; use encode for one text")
-        flat: list[str] = []
-        plan: list[
-            tuple[int, int] | None
-        ] = []  # per text: (first item in flat, number of lines), or slow path
-        for text in texts:
-            if self._needs_segments(text):
-                plan.append(None)
+        texts = texts if isinstance(texts, (list, tuple)) else list(texts)
+        out: list[list[int]] = [[] for _ in texts]
+        flat: list[str] = []  # what goes to sentencepiece in one threaded call
+        spans: list[tuple[int, int, int]] = []  # (text index, first item in flat, number of lines or 0)
+        for i, text in enumerate(texts):
+            if SEGMENT_BREAK in text or self._marker_prefix in text:
+                out[i] = self._encode_segments(text)
+            elif len(text) <= self._max_piece_chars and (piece := self._whole_piece(text)) is not None:
+                out[i] = [piece]  # the whole-piece rule, see _encode_segments
             elif len(text) > LONG_TEXT and "\n" in text:
                 lines = text.split("\n")
-                plan.append((len(flat), len(lines)))
+                spans.append((i, len(flat), len(lines)))
                 flat += lines
             else:
-                plan.append((len(flat), 0))
+                spans.append((i, len(flat), 0))
                 flat.append(text)
         encoded = self.sp.encode(flat, num_threads=num_threads or default_threads()) if flat else []
-        out = []
-        for text, item in zip(texts, plan):
-            if item is None:
-                out.append(self._encode_segments(text))
-            elif item[1] == 0:
-                out.append(encoded[item[0]])
-            else:
-                out.append(self._join_lines(encoded[item[0] : item[0] + item[1]]))
+        for i, first, n_lines in spans:
+            out[i] = encoded[first] if n_lines == 0 else self._join_lines(encoded[first : first + n_lines])
         return out
+
+    def _whole_piece(self, text: str) -> int | None:
+        return self._piece_ids.get(text.replace(" ", "▁"))
 
     def _join_lines(self, lines: list[list[int]]) -> list[int]:
         ids = list(lines[0])
@@ -135,11 +137,8 @@ class Tokenizer:
             ids += line
         return ids
 
-    def _needs_segments(self, text: str) -> bool:
-        return len(text) <= self._max_piece_chars or SEGMENT_BREAK in text or self._marker_prefix in text
-
     def _encode_segments(self, text: str) -> list[int]:
-        """The slow path, for texts with U+FDD0, marker text, or short enough to be one piece.
+        """The slow path, for texts with U+FDD0 or marker text.
 
         Splits where the HF export's pre-tokenizer does (drop U+FDD0, isolate markers), then applies its
         `ignore_merges` rule: a segment spelling a whole piece is that piece. For learned pieces this is what
@@ -150,9 +149,7 @@ class Tokenizer:
             for seg in self._marker_re.split(part):
                 if not seg:
                     continue
-                piece_id = (
-                    self._piece_ids.get(seg.replace(" ", "▁")) if len(seg) <= self._max_piece_chars else None
-                )
+                piece_id = self._whole_piece(seg) if len(seg) <= self._max_piece_chars else None
                 if piece_id is not None:
                     ids.append(piece_id)
                 elif len(seg) > LONG_TEXT and "\n" in seg:
@@ -180,12 +177,14 @@ class Tokenizer:
 
             bar = tqdm(total=total, desc=progress if isinstance(progress, str) else "encode", unit="doc")
         it = iter(texts)
+        n_tokens = 0
         try:
             while batch := list(itertools.islice(it, batch_size)):
                 ids = self.encode_batch(batch, num_threads)
                 if bar is not None:
+                    n_tokens += sum(map(len, ids))
+                    bar.set_postfix(tokens=n_tokens, refresh=False)
                     bar.update(len(batch))
-                    bar.set_postfix(tokens=sum(map(len, ids)), refresh=False)
                 yield from ids
         finally:
             if bar is not None:
@@ -255,11 +254,15 @@ class Tokenizer:
 
     # --- export -----------------------------------------------------------------------------------------
 
-    def export_hf(self, out_dir: str | os.PathLike) -> Path:
-        """Write a folder that `transformers.AutoTokenizer.from_pretrained` loads with no custom code."""
+    def export_hf(self, out_dir: str | os.PathLike, model_max_length: int | None = None) -> Path:
+        """Write a folder that `transformers.AutoTokenizer.from_pretrained` loads with no custom code.
+
+        Same ids as ours on any text and in the chat template (see tokenizer/hf.py); files are moved in
+        one by one, so `out_dir` may already hold a model's weights.
+        """
         from tokenizer.hf import export_hf
 
-        return export_hf(self, Path(out_dir))
+        return export_hf(self, Path(out_dir), model_max_length)
 
 
 def check_vocab(tokenizer: Tokenizer | str | os.PathLike, model_vocab_size: int) -> None:

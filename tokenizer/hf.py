@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -34,8 +35,6 @@ NORMAL = 1
 
 def build_hf_tokenizer(tok: Tokenizer):
     """The `tokenizers.Tokenizer` pipeline equivalent to `tok` (the backend of the exported folder)."""
-    import re
-
     from sentencepiece import sentencepiece_model_pb2
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers import Tokenizer as BackendTokenizer
@@ -81,11 +80,12 @@ def build_hf_tokenizer(tok: Tokenizer):
     return backend
 
 
-def export_hf(tok: Tokenizer, out_dir: Path) -> Path:
-    """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and tokenizer.model into `out_dir`.
+def export_hf(tok: Tokenizer, out_dir: Path, model_max_length: int | None = None) -> Path:
+    """Write tokenizer.json, tokenizer_config.json, chat_template.jinja and tokenizer.model into `out_dir`.
 
-    Written in a temporary folder next to `out_dir`, then moved in file by file (`out_dir` may already hold
+    Written in a temporary folder inside `out_dir`, then moved in file by file (`out_dir` may already hold
     other files, e.g. a model's weights). tokenizer.model is kept for tools that read sentencepiece (GGUF).
+    `model_max_length` (the model's context length) lets transformers warn about longer inputs.
     """
     from transformers import PreTrainedTokenizerFast
 
@@ -99,8 +99,7 @@ def export_hf(tok: Tokenizer, out_dir: Path) -> Path:
         chat_template=jinja_template(),
         clean_up_tokenization_spaces=False,
         split_special_tokens=True,
-        add_bos_token=True,
-        add_eos_token=False,
+        **({"model_max_length": model_max_length} if model_max_length else {}),
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=out_dir) as tmp:
@@ -111,9 +110,10 @@ def export_hf(tok: Tokenizer, out_dir: Path) -> Path:
         config = json.loads(config_path.read_text())
         # Saved explicitly: these must hold for whoever loads the folder (see the module docstring).
         # "PreTrainedTokenizerFast" rather than v5's "TokenizersBackend": the same class in transformers 5,
-        # and one that transformers 4.x knows.
+        # and one that transformers 4.x knows; 4.x before 4.49 reads the chat template only from here.
         config.update(
             tokenizer_class="PreTrainedTokenizerFast",
+            chat_template=jinja_template(),
             split_special_tokens=True,
             clean_up_tokenization_spaces=False,
             communs_sha256=tok.sha256,

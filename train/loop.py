@@ -83,8 +83,10 @@ def build_engine(recipe: Recipe, plan: PhasePlan, world: int):
 
     ds_cfg = deepspeed_config(recipe, plan.index, world)
     torch.manual_seed(recipe.seed)
-    with deepspeed.zero.Init(config_dict_or_path=ds_cfg, enabled=recipe.deepspeed.zero_stage == 3):
-        model = Transformer(plan.model_cfg)
+    # Built whole on every rank, then partitioned by deepspeed.initialize. (Under deepspeed.zero.Init the
+    # parameters are partitioned as each layer is built, and Transformer.init_weights would see empty
+    # tensors.) Host memory holds one fp32 copy per rank while the engine starts.
+    model = Transformer(plan.model_cfg)
     # no weight decay on norm gains (1-D parameters)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
@@ -186,6 +188,11 @@ def train_step(engine, micro_batches: list[MicroBatch], lr: float, zero_stage: i
             if not math.isfinite(grad_norm):
                 for p in engine.module.parameters():
                     p.grad = None
+                # DeepSpeed's ZeRO-0 clipping indexes the first gradient: with none, clip nothing this step
+                clip, engine._config.gradient_clipping = engine._config.gradient_clipping, 0.0
+                engine.step()
+                engine._config.gradient_clipping = clip
+                continue
         engine.step()
 
     if zero_stage == 0:
@@ -246,8 +253,11 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def close(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
@@ -368,9 +378,10 @@ def run(recipe: Recipe, run_dir: str | Path, resume: str = "auto", stop_at_step:
     except TrainingAborted as e:
         if rank == 0:
             telemetry.update_run_json(run_dir, status="failed", error=str(e))
-        tel.close()
         raise
-    tel.close()
+    finally:
+        stop.close()
+        tel.close()
     if rank == 0:
         if code == EXIT_OK:
             summary = telemetry.summarize(run_dir / "metrics.jsonl", [p.name for p in plans])
@@ -437,7 +448,7 @@ def _train(recipe, run_dir, plans, manifest, root_hash, rhash, state, point, ran
         )
         n_windows = {src: len(r) for src, r in train_readers.items()}
         flops_per_token = _flops_per_token(plan)
-        t_log, tokens_since_log = time.perf_counter(), 0
+        step_seconds, tokens_since_log = 0.0, 0
         shown: dict[str, float] = {}
 
         while state.step_in_phase < plan.steps:
@@ -447,7 +458,10 @@ def _train(recipe, run_dir, plans, manifest, root_hash, rhash, state, point, ran
             )  # fmt: skip
             batches = rank_micro_batches(slots, train_readers, rank, world, ph.micro_batch_size, device)
             lr = plan.lr_at(state.step_in_phase)
+            abort = None
+            t_step = time.perf_counter()
             result = train_step(engine, batches, lr, stage)
+            step_seconds += time.perf_counter() - t_step
             state.step += 1
             state.step_in_phase += 1
             state.tokens += ph.batch_tokens
@@ -461,7 +475,7 @@ def _train(recipe, run_dir, plans, manifest, root_hash, rhash, state, point, ran
                     f"{result.grad_norm}): update skipped ({state.bad_in_a_row} in a row)"
                 )
                 if state.bad_in_a_row >= recipe.stability.max_bad_steps:
-                    raise TrainingAborted(
+                    abort = TrainingAborted(
                         f"phase {plan.name} step {state.step}: {state.bad_in_a_row} steps in a row with a non-finite "
                         f"loss or gradient (stability.max_bad_steps={recipe.stability.max_bad_steps}); the last good "
                         f"checkpoint is in {ckpt_root}; lower the learning rate or check the data"
@@ -476,9 +490,8 @@ def _train(recipe, run_dir, plans, manifest, root_hash, rhash, state, point, ran
                 recent.append(result.loss)
 
             last_of_phase = state.step_in_phase == plan.steps
-            if state.step_in_phase == 1 or last_of_phase or state.step % recipe.logging.interval == 0:
-                elapsed = time.perf_counter() - t_log
-                tps = tokens_since_log / elapsed if elapsed > 0 else 0.0
+            if state.step_in_phase == 1 or last_of_phase or abort or state.step % recipe.logging.interval == 0:
+                tps = tokens_since_log / step_seconds if step_seconds > 0 else 0.0  # checkpoints, val excluded
                 record = {
                     "kind": "train", "phase": plan.name, "step": state.step, "step_in_phase": state.step_in_phase,
                     "tokens": state.tokens, "phase_tokens": state.step_in_phase * ph.batch_tokens,
@@ -487,9 +500,11 @@ def _train(recipe, run_dir, plans, manifest, root_hash, rhash, state, point, ran
                     "skipped_total": state.skipped_total, "time": time.time(),
                 }  # fmt: skip
                 tel.log(record)
-                t_log, tokens_since_log = time.perf_counter(), 0
+                step_seconds, tokens_since_log = 0.0, 0
                 shown = {"tok_s": tps, "mfu": record["mfu"]}
             tel.progress(plan.name, loss=result.loss, lr=lr, gnorm=result.grad_norm, **shown)
+            if abort:
+                raise abort
 
             if val_readers and recipe.logging.val_interval and state.step % recipe.logging.val_interval == 0 and not last_of_phase:
                 _validate(engine, val_readers, plan, state, tel, device, recipe)

@@ -5,7 +5,15 @@ import dataclasses
 import pytest
 import torch
 
-from model.llama import SIZES, ModelConfig, RopeScaling, Transformer, config_from_dict, flops_per_token, matmul_params
+from model.llama import (
+    SIZES,
+    ModelConfig,
+    RopeScaling,
+    Transformer,
+    config_from_dict,
+    flops_per_token,
+    matmul_params,
+)
 
 
 @pytest.mark.parametrize(
@@ -19,7 +27,10 @@ from model.llama import SIZES, ModelConfig, RopeScaling, Transformer, config_fro
         (dict(max_seq_len=0), "ModelConfig.max_seq_len=0: must be a positive integer"),
         (dict(norm_eps=0.0), "ModelConfig.norm_eps=0.0: must be > 0"),
         (dict(rope_theta=-1.0), "ModelConfig.rope_theta=-1.0: must be > 0"),
-        (dict(attention="flash2"), "ModelConfig.attention='flash2': must be one of auto, flash, sdpa, reference"),
+        (
+            dict(attention="flash2"),
+            "ModelConfig.attention='flash2': must be one of auto, flash, sdpa, reference",
+        ),
         (dict(kernels="triton"), "ModelConfig.kernels='triton': must be one of"),
         (dict(rope_scaling=RopeScaling(type="yarn")), "ModelConfig.rope_scaling.type='yarn': must be one of"),
         (
@@ -27,7 +38,10 @@ from model.llama import SIZES, ModelConfig, RopeScaling, Transformer, config_fro
             "ModelConfig.max_seq_len=512: is longer than the RoPE context rope_scaling.original_max_seq_len=256",
         ),
         (
-            dict(max_seq_len=2048, rope_scaling=RopeScaling(type="linear", factor=4.0, original_max_seq_len=256)),
+            dict(
+                max_seq_len=2048,
+                rope_scaling=RopeScaling(type="linear", factor=4.0, original_max_seq_len=256),
+            ),
             "ModelConfig.max_seq_len=2048: is longer than the scaled RoPE context",
         ),
         (
@@ -38,7 +52,10 @@ from model.llama import SIZES, ModelConfig, RopeScaling, Transformer, config_fro
             dict(rope_scaling=RopeScaling(type="linear", factor=1.0, original_max_seq_len=64)),
             "ModelConfig.rope_scaling.factor=1.0: must be > 1",
         ),
-        (dict(rope_scaling=RopeScaling(factor=2.0)), "ModelConfig.rope_scaling.factor=2.0: needs rope_scaling.type"),
+        (
+            dict(rope_scaling=RopeScaling(factor=2.0)),
+            "ModelConfig.rope_scaling.factor=2.0: needs rope_scaling.type",
+        ),
         (
             dict(rope_scaling=dict(type="llama3", factor=8.0, original_max_seq_len=64, low_freq_factor=4.0)),
             "ModelConfig.rope_scaling.low_freq_factor=4.0: must be > 0 and < rope_scaling.high_freq_factor=4.0",
@@ -54,7 +71,9 @@ def test_bad_config_names_field_and_value(changes, message):
 
 def test_scaled_rope_config_is_accepted_and_dict_converted():
     cfg = dataclasses.replace(
-        SIZES["tiny"], max_seq_len=1024, rope_scaling={"type": "llama3", "factor": 8.0, "original_max_seq_len": 128}
+        SIZES["tiny"],
+        max_seq_len=1024,
+        rope_scaling={"type": "llama3", "factor": 8.0, "original_max_seq_len": 128},
     )
     assert cfg.rope_scaling == RopeScaling(type="llama3", factor=8.0, original_max_seq_len=128)
 
@@ -69,7 +88,14 @@ def test_every_size_is_valid_and_tiny_uses_gqa():
 
 def test_lucie_8b_shape():
     c = SIZES["8b"]
-    assert (c.n_layers, c.dim, c.ffn_dim, c.n_heads, c.n_kv_heads, c.vocab_size) == (32, 4096, 12288, 32, 8, 65024)
+    assert (c.n_layers, c.dim, c.ffn_dim, c.n_heads, c.n_kv_heads, c.vocab_size) == (
+        32,
+        4096,
+        12288,
+        32,
+        8,
+        65024,
+    )
 
 
 def _count_by_formula(cfg: ModelConfig) -> int:
@@ -90,7 +116,13 @@ def test_num_params_matches_module_and_formula(name):
 
 def test_size_parameter_counts():
     """The sizes are what their names say (tied embeddings counted once)."""
-    expected = {"125m": 125_455_104, "350m": 349_750_272, "1b": 987_826_176, "8b": 6_706_958_336, "23b": 23_146_862_592}
+    expected = {
+        "125m": 125_455_104,
+        "350m": 349_750_272,
+        "1b": 987_826_176,
+        "8b": 6_706_958_336,
+        "23b": 23_146_862_592,
+    }
     for name, n in expected.items():
         assert _count_by_formula(SIZES[name]) == n, name
 
@@ -106,7 +138,9 @@ def test_flops_per_token():
 
 
 def test_config_from_dict_round_trip_and_unknown_field():
-    cfg = dataclasses.replace(SIZES["tiny"], rope_scaling=RopeScaling(type="linear", factor=2.0, original_max_seq_len=128))
+    cfg = dataclasses.replace(
+        SIZES["tiny"], rope_scaling=RopeScaling(type="linear", factor=2.0, original_max_seq_len=128)
+    )
     assert config_from_dict(dataclasses.asdict(cfg)) == cfg
     with pytest.raises(ValueError, match="ModelConfig: unknown field.*n_head\\b"):
         config_from_dict(dict(dataclasses.asdict(cfg), n_head=3))

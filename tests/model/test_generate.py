@@ -77,7 +77,10 @@ def test_sample_next_distribution():
     [
         (dict(prompts=[[1], []]), "every prompt needs at least one token"),
         (dict(prompts=[[1, 600]]), "prompt token 600 outside the vocabulary"),
-        (dict(prompts=[[1]], max_new_tokens=300), "longest prompt 1 \\+ max_new_tokens 300 > ModelConfig.max_seq_len=256"),
+        (
+            dict(prompts=[[1]], max_new_tokens=300),
+            "longest prompt 1 \\+ max_new_tokens 300 > ModelConfig.max_seq_len=256",
+        ),
         (dict(prompts=[[1]], top_p=0.0), "top_p=0.0"),
         (dict(prompts=[[1]], temperature=-1.0), "temperature=-1.0"),
     ],

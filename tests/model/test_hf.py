@@ -96,9 +96,13 @@ def test_hf_config_loads_in_transformers_and_back(case):
     d = hf_config(cfg, bos_token_id=1, eos_token_id=2)
     assert d["architectures"] == ["LlamaForCausalLM"] and d["model_type"] == "llama"
     assert d["vocab_size"] == cfg.padded_vocab_size and d["tie_word_embeddings"] == cfg.tie_embeddings
-    hc = LlamaConfig(**{k: copy.deepcopy(v) for k, v in d.items() if k not in ("architectures", "model_type")})
+    hc = LlamaConfig(
+        **{k: copy.deepcopy(v) for k, v in d.items() if k not in ("architectures", "model_type")}
+    )
     assert hc.rope_parameters["rope_theta"] == cfg.rope_theta
-    assert hc.rope_parameters["rope_type"] == ("default" if cfg.rope_scaling.type == "none" else cfg.rope_scaling.type)
+    assert hc.rope_parameters["rope_type"] == (
+        "default" if cfg.rope_scaling.type == "none" else cfg.rope_scaling.type
+    )
     back = model_config_from_hf(d)
     assert hf_config(back, bos_token_id=1, eos_token_id=2) == d
     assert dataclasses.replace(back, vocab_size=cfg.vocab_size, vocab_multiple=cfg.vocab_multiple) == cfg
@@ -109,7 +113,9 @@ def test_bad_state_dicts_and_configs_are_named():
     sd = ours.state_dict()
     with pytest.raises(ValueError, match="our state dict: missing key layers.1.attention.wk.weight"):
         to_hf({k: v for k, v in sd.items() if k != "layers.1.attention.wk.weight"}, TINY)
-    with pytest.raises(ValueError, match=r"our state dict: layers.0.attention.wq.weight has shape \(64, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"our state dict: layers.0.attention.wq.weight has shape \(64, 32\)"
+    ):
         to_hf(dict(sd, **{"layers.0.attention.wq.weight": torch.zeros(64, 32)}), TINY)
     with pytest.raises(ValueError, match="Hugging Face state dict: unexpected key model.extra"):
         from_hf(dict(theirs.state_dict(), **{"model.extra": torch.zeros(1)}), TINY)

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from model import ops
-from model.llama import IGNORE_INDEX, apply_rope, attention_mask, attention_reference, cross_entropy_reference, rms_norm
+from model.llama import (
+    IGNORE_INDEX,
+    apply_rope,
+    attention_mask,
+    attention_reference,
+    cross_entropy_reference,
+    rms_norm,
+)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 gen = torch.Generator().manual_seed(0)
@@ -36,7 +43,9 @@ def test_rope_function_gradcheck_and_forward():
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("chunk_elements", [7 * 50, 1 << 23])  # 7 rows per chunk (not dividing 30), or one chunk
+@pytest.mark.parametrize(
+    "chunk_elements", [7 * 50, 1 << 23]
+)  # 7 rows per chunk (not dividing 30), or one chunk
 def test_chunked_linear_cross_entropy_matches_reference(chunk_elements):
     h, w = rand(30, 16), rand(50, 16)
     t = torch.randint(0, 50, (30,), generator=gen)
@@ -63,7 +72,11 @@ def test_chunked_linear_cross_entropy_no_grad_and_fp32():
 def test_sdpa_attention_matches_reference(packed):
     B, T, H, H_kv, Dh = 2, 12, 4, 2, 8
     q, k, v = rand(B, T, H, Dh), rand(B, T, H_kv, Dh), rand(B, T, H_kv, Dh)
-    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 0, 1], [4, 5, 6, 0, 1, 2, 3, 4, 5, 6, 7, 8]]) if packed else None
+    pos = (
+        torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 0, 1], [4, 5, 6, 0, 1, 2, 3, 4, 5, 6, 7, 8]])
+        if packed
+        else None
+    )
     mask = ops.make_mask("sdpa", pos, B, T, torch.device("cpu"), torch.float64)
     assert mask.causal == (not packed) and (mask.dense is not None) == packed
     got = ops.attention(q, k, v, mask)  # (B, T, H, Dh)
@@ -127,8 +140,13 @@ def test_gpu_liger_kernels_match_reference():
     w = torch.randn(256, device="cuda", generator=g, requires_grad=True)
     torch.testing.assert_close(ops.rms_norm(x, w, 1e-5, "liger"), rms_norm(x, w, 1e-5), rtol=1e-4, atol=1e-4)
     a, b = torch.randn(2, 2, 64, 512, device="cuda", generator=g)
-    torch.testing.assert_close(ops.swiglu(a, b, "liger"), torch.nn.functional.silu(a) * b, rtol=1e-4, atol=1e-4)
-    q, k = torch.randn(2, 64, 8, 64, device="cuda", generator=g), torch.randn(2, 64, 2, 64, device="cuda", generator=g)
+    torch.testing.assert_close(
+        ops.swiglu(a, b, "liger"), torch.nn.functional.silu(a) * b, rtol=1e-4, atol=1e-4
+    )
+    q, k = (
+        torch.randn(2, 64, 8, 64, device="cuda", generator=g),
+        torch.randn(2, 64, 2, 64, device="cuda", generator=g),
+    )
     angles = torch.rand(2, 64, 1, 32, device="cuda", generator=g) * 50
     cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
     for got, want in zip(ops.apply_rope(q, k, cos, sin, "liger"), apply_rope(q, k, cos, sin)):
@@ -140,7 +158,9 @@ def test_gpu_liger_kernels_match_reference():
     got = ops.linear_cross_entropy(h, wt, t, "liger")
     want = cross_entropy_reference(h, wt, t)
     torch.testing.assert_close(got.float(), want, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(torch.autograd.grad(got, h)[0], torch.autograd.grad(want, h)[0], rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(
+        torch.autograd.grad(got, h)[0], torch.autograd.grad(want, h)[0], rtol=1e-3, atol=1e-5
+    )
 
 
 @cuda
@@ -153,3 +173,19 @@ def test_gpu_chunked_loss_bf16_matches_reference():
     got = ops.linear_cross_entropy(h, w, t, "torch", 1 << 20)
     want = cross_entropy_reference(h, w, t)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_compiled_chunk_matches_eager(monkeypatch):
+    """The compiled per-chunk maths (ModelConfig.compile) gives the eager chunk's loss and gradients
+    (traced with aot_eager here; Inductor runs in the benchmarks)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: torch._dynamo.optimize("aot_eager")(fn))
+    ops._compiled_cross_entropy_chunk.cache_clear()
+    h, w = rand(30, 16, dtype=torch.float32), rand(50, 16, dtype=torch.float32)
+    t = torch.randint(0, 50, (30,), generator=gen)
+    t[::3] = IGNORE_INDEX
+    got = ops.linear_cross_entropy(h, w, t, "torch", 8 * 50, compiled=True)
+    want = ops.linear_cross_entropy(h, w, t, "torch", 8 * 50)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, (h, w)), torch.autograd.grad(want, (h, w))):
+        torch.testing.assert_close(a, b)
+    ops._compiled_cross_entropy_chunk.cache_clear()

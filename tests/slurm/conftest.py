@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
+
+import communs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,6 +21,10 @@ def cluster_problem() -> str | None:
     """Why the Slurm tests cannot run here (None when a controller answers with an idle node)."""
     if shutil.which("sinfo") is None:
         return "sinfo not found (start one: scripts/slurm-cluster.sh up)"
+    # `scontrol ping` answers at once; sinfo retries for ~10 s when no controller listens.
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
+    if ping.returncode != 0 or "UP" not in ping.stdout:
+        return f"no Slurm controller answers (scontrol ping: {' '.join(ping.stdout.split()[:5])})"
     try:
         res = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
     except subprocess.TimeoutExpired:
@@ -59,7 +66,9 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 def wait_final(job_id: int, timeout: float) -> dict[str, str]:
     """Wait until a job reaches a final state (a requeued job passes through PENDING again)."""
     return wait_for(
-        lambda: (st := job_state(job_id)) and st.get("JobState") in FINAL and st, timeout, f"job {job_id} to end"
+        lambda: (st := job_state(job_id)) and st.get("JobState") in FINAL and st,
+        timeout,
+        f"job {job_id} to end",
     )
 
 
@@ -92,6 +101,33 @@ def fake_plan(run_dir: Path, chain: str, phases: list[tuple[str, int]], sleep: f
                     done_step=e if i < len(phases) - 1 else 0)
             for i, ((n, _), e) in enumerate(zip(phases, ends))
         ]  # fmt: skip
-    plan = RunPlan(run_dir=run_dir, launch=launch, chain=chain, jobs=jobs, git=GitState(commit=None, dirty=False))
+    plan = RunPlan(
+        run_dir=run_dir, launch=launch, chain=chain, jobs=jobs, git=GitState(commit=None, dirty=False)
+    )
     render_jobs(plan, python=sys.executable, code_dir=ROOT)
     return plan, write_plan(plan)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The embedded demo corpus prepared once per session (`communs data prepare`)."""
+    out = tmp_path_factory.mktemp("slurm-demo-data")
+    rc = communs.main(["data", "prepare", str(ROOT / "data" / "demo" / "sources.yaml"), "--out", str(out)])
+    assert rc == 0
+    return out
+
+
+def tiny_recipe(data: Path, path: Path) -> Path:
+    """recipes/demo.yaml cut to a few steps per phase (8 + 3 + 3), logging and checkpointing often."""
+    recipe = yaml.safe_load((ROOT / "recipes" / "demo.yaml").read_text())
+    recipe["name"] = "slurm-tiny"
+    recipe["tokenizer"]["path"] = str(data / "tokenizer" / "tokenizer.model")
+    recipe["data"]["manifest"] = str(data / "manifest.json")
+    recipe["checkpoint"] = {"interval": 3, "keep_last": 1}
+    recipe["logging"] = {"interval": 1, "val_tokens": 2048}
+    recipe["model"]["overrides"].update(dim=64, n_layers=2, ffn_dim=192)
+    for phase, steps in zip(recipe["phases"], (8, 3, 3)):
+        phase.update(tokens=steps * 2048, batch_tokens=2048, micro_batch_size=2, seq_len=128)
+        phase["lr"]["warmup_tokens"] = 2048
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path

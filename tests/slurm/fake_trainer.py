@@ -53,7 +53,10 @@ def main(argv: list[str]) -> int:
             step += 1
             if rank == 0:
                 with open(run / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"kind": "train", "phase": ph["name"], "step": step, "loss": 10.0 / step}) + "\n")
+                    f.write(
+                        json.dumps({"kind": "train", "phase": ph["name"], "step": step, "loss": 10.0 / step})
+                        + "\n"
+                    )
                 (run / "checkpoints" / ".latest.tmp").write_text(f"step-{step:08d}\n")
                 os.replace(run / "checkpoints" / ".latest.tmp", latest)
             last = step == sum(p["steps"] for p in plan["phases"])

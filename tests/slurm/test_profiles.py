@@ -20,14 +20,16 @@ def test_shipped_profiles_load():
         assert p.name == name and p.partition and p.time_limit_s > p.signal_lead_s
     jz = load_profile("jean-zay-h100", environ=JZ_ENV)
     assert (jz.account, jz.gpus_per_node, jz.procs_per_node, jz.time_limit_s) == ("abc@h100", 4, 4, 20 * 3600)
-    assert (jz.qos, jz.constraint, jz.backend, jz.cpu_account) == ("qos_gpu_h100-t3", "h100", "nccl", "abc@cpu")
+    assert (jz.qos, jz.constraint, jz.cpu_account) == ("qos_gpu_h100-t3", "h100", "abc@cpu")
     cpu = load_profile("local-cpu")
-    assert (cpu.gpus_per_node, cpu.procs_per_node, cpu.backend, cpu.env["DS_ACCELERATOR"]) == (0, 2, "gloo", "cpu")
+    assert (cpu.gpus_per_node, cpu.procs_per_node, cpu.env["DS_ACCELERATOR"]) == (0, 2, "cpu")
     assert load_profile("generic-gpu").account is None  # written `account: null`: a cluster without accounts
 
 
 def test_unset_environment_variable_is_an_error():
-    with pytest.raises(UserError, match=r"jean-zay-h100.yaml: 'account' uses \$\{IDRPROJ\}, which is not set"):
+    with pytest.raises(
+        UserError, match=r"jean-zay-h100.yaml: 'account' uses \$\{IDRPROJ\}, which is not set"
+    ):
         load_profile("jean-zay-h100", environ={})
 
 
@@ -58,8 +60,6 @@ def test_missing_account_or_partition(tmp_path, key):
         ({"gpus_per_node": -1}, r"'gpus_per_node' must be an integer >= 0, got -1"),
         ({"gpus_per_node": 0}, r"'procs_per_node' is required when gpus_per_node is 0"),
         ({"procs_per_node": 9}, r"'procs_per_node' 9 is more than the node's 8 GPUs"),
-        ({"backend": "gloo"}, r"'backend' must be nccl on a GPU profile, got 'gloo'"),
-        ({"backend": "mpi"}, r"'backend' must be one of nccl, gloo, got 'mpi'"),
         ({"time_limit": "20h"}, r"'time_limit': '20h' is not a Slurm time limit"),
         ({"max_time_limit": "10:00:00"}, r"'time_limit' 1-00:00:00 is above max_time_limit 10:00:00"),
         ({"signal_lead_s": 86400}, r"'signal_lead_s' 86400 is not below the time limit 86400 s"),
@@ -87,6 +87,7 @@ def test_time_limits():
     assert parse_time("1-02:03:04", "t") == 86400 + 7384
     assert parse_time("90:00", "t") == 5400  # Slurm reads MM:SS
     assert parse_time(90, "t") == 5400  # minutes
+    assert parse_time("90", "t") == 5400
     assert format_time(72000) == "20:00:00"
     assert format_time(86400 + 61) == "1-00:02:00"  # rounded up to whole minutes
     with pytest.raises(UserError, match=r"--time: '0:00' is not a positive time limit"):

@@ -18,12 +18,23 @@ import pytest
 from communs import UserError
 from slurm.profiles import load_profile
 from slurm.render import check_time_limit, estimate_step_time, make_launch, render_train_script
-from slurm.submit import GitState, JobPlan, RunPlan, check_clean, git_state, render_jobs, sbatch_commands, write_plan
+from slurm.submit import (
+    GitState,
+    JobPlan,
+    RunPlan,
+    check_clean,
+    git_state,
+    render_jobs,
+    sbatch_commands,
+    write_plan,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _script(tmp_path: Path, profile: str = "generic-gpu", nodes: int = 2, gpus: int | None = None, **kw) -> str:
+def _script(
+    tmp_path: Path, profile: str = "generic-gpu", nodes: int = 2, gpus: int | None = None, **kw
+) -> str:
     launch = make_launch(load_profile(profile, environ={"IDRPROJ": "abc"}), nodes, gpus)
     args = dict(run_dir=tmp_path / "run", code_dir=ROOT, python="/opt/py/bin/python", label="all",
                 job_name="demo-all", command=["train", "/r.yaml", "--run-dir", str(tmp_path / "run")])  # fmt: skip
@@ -48,11 +59,14 @@ def test_directives_jean_zay(tmp_path):
         "#SBATCH --hint=nomultithread",
         "module purge",
         "module load arch/h100",
-        "export COMMUNS_DIST_BACKEND=nccl",
         "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
     ]:
         assert line in text.splitlines(), line
-    assert "--nproc_per_node=4" in text and "--rdzv_backend=c10d" in text and not any(l.lstrip().startswith("ssh") for l in text.splitlines())
+    assert (
+        "--nproc_per_node=4" in text
+        and "--rdzv_backend=c10d" in text
+        and not any(l.lstrip().startswith("ssh") for l in text.splitlines())
+    )
     assert "{{" not in text
     # bash accepts it
     subprocess.run(["bash", "-n"], input=text, text=True, check=True)
@@ -66,7 +80,10 @@ def test_cpu_profile_has_no_gres_nor_account_when_null(tmp_path):
 
 
 def test_more_gpus_per_node_than_the_profile_has():
-    with pytest.raises(UserError, match=r"--gpus-per-node 8: profile jean-zay-h100 \(.*jean-zay-h100.yaml\) has gpus_per_node: 4"):
+    with pytest.raises(
+        UserError,
+        match=r"--gpus-per-node 8: profile jean-zay-h100 \(.*jean-zay-h100.yaml\) has gpus_per_node: 4",
+    ):
         make_launch(load_profile("jean-zay-h100", environ={"IDRPROJ": "abc"}), 2, 8)
     with pytest.raises(UserError, match=r"--gpus-per-node 1: profile local-cpu .* is a CPU profile"):
         make_launch(load_profile("local-cpu"), 1, 1)
@@ -74,7 +91,9 @@ def test_more_gpus_per_node_than_the_profile_has():
 
 
 def test_time_limit_above_the_qos():
-    with pytest.raises(UserError, match=r"--time 1-00:00:00: above the profile jean-zay-h100's max_time_limit 20:00:00"):
+    with pytest.raises(
+        UserError, match=r"--time 1-00:00:00: above the profile jean-zay-h100's max_time_limit 20:00:00"
+    ):
         make_launch(load_profile("jean-zay-h100", environ={"IDRPROJ": "abc"}), 1, None, 24 * 3600)
 
 
@@ -98,7 +117,9 @@ def test_time_limit_too_short_for_the_checkpoint_interval():
 def test_step_time_estimate_is_flops_over_throughput():
     launch = make_launch(load_profile("jean-zay-h100", environ={"IDRPROJ": "abc"}), 2, None)  # 8 ranks
     # 4M tokens x 6e10 FLOP/token over 8 x 350 TFLOP/s
-    assert estimate_step_time(4 * 2**20, 6e10, launch) == pytest.approx(4 * 2**20 * 6e10 / (8 * 350e12), rel=1e-12)
+    assert estimate_step_time(4 * 2**20, 6e10, launch) == pytest.approx(
+        4 * 2**20 * 6e10 / (8 * 350e12), rel=1e-12
+    )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -132,7 +153,7 @@ FAKE_PYTHON = f"""#!{sys.executable}
 import json, os, sys
 argv = sys.argv[1:]
 ignored = int([l for l in open("/proc/self/status") if l.startswith("SigIgn:")][0].split()[1], 16)
-keep = ("SLURM_NODEID", "TORCHELASTIC_SIGNALS_TO_HANDLE", "COMMUNS_DIST_BACKEND", "PYTHONPATH", "OMP_NUM_THREADS")
+keep = ("SLURM_NODEID", "TORCHELASTIC_SIGNALS_TO_HANDLE", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "PYTHONPATH", "OMP_NUM_THREADS")
 rec = {{"argv": argv, "env": {{k: os.environ.get(k) for k in keep}}, "cwd": os.getcwd(),
        "usr1_ignored": bool(ignored >> ({signal.SIGUSR1} - 1) & 1), "term_ignored": bool(ignored >> ({signal.SIGTERM} - 1) & 1)}}
 with open(os.environ["FAKE_LOG"], "a") as f:
@@ -193,7 +214,7 @@ def test_two_node_launch_from_recorded_environment(tmp_path):
         assert argv[i + 1] == str(tmp_path / "run" / "slurm" / "attempts" / "4242.0")
         assert argv[i + 2 :] == ["train", "/r.yaml", "--run-dir", str(tmp_path / "run")]
         assert r["env"]["TORCHELASTIC_SIGNALS_TO_HANDLE"] == "SIGINT,SIGHUP,SIGQUIT"
-        assert r["env"]["COMMUNS_DIST_BACKEND"] == "nccl" and r["env"]["OMP_NUM_THREADS"] == "8"
+        assert r["env"]["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and r["env"]["OMP_NUM_THREADS"] == "8"
         assert r["env"]["PYTHONPATH"].split(":")[0] == str(ROOT) and r["cwd"] == str(ROOT)
         # torchrun must not die on (or act on) the signals the ranks checkpoint on
         assert r["usr1_ignored"] and r["term_ignored"]
@@ -229,7 +250,10 @@ def test_too_many_requeues_give_up(tmp_path):
 
 def _plan(tmp_path: Path, chain: str) -> tuple[RunPlan, list[Path]]:
     launch = make_launch(load_profile("local-cpu"), 1)
-    jobs = [JobPlan("a", ("train", "r.yaml", "--stop-at-step", "5"), done_step=5), JobPlan("b", ("train", "r.yaml"))]
+    jobs = [
+        JobPlan("a", ("train", "r.yaml", "--stop-at-step", "5"), done_step=5),
+        JobPlan("b", ("train", "r.yaml")),
+    ]
     if chain == "one-job":
         jobs = [JobPlan("all", ("train", "r.yaml"))]
     plan = RunPlan(tmp_path / "run", launch, chain, jobs, GitState("abc", True, (" M x.py",), "diff --git x"))
@@ -243,7 +267,13 @@ def test_per_phase_chain_scripts_and_dependencies(tmp_path):
     assert "DONE_STEP=5" in paths[0].read_text() and "DONE_STEP=0" in paths[1].read_text()
     cmds = sbatch_commands(plan, paths)
     assert cmds[0] == ["sbatch", "--parsable", str(paths[0])]
-    assert cmds[1] == ["sbatch", "--parsable", "--dependency=afterok:{prev}", "--kill-on-invalid-dep=yes", str(paths[1])]
+    assert cmds[1] == [
+        "sbatch",
+        "--parsable",
+        "--dependency=afterok:{prev}",
+        "--kill-on-invalid-dep=yes",
+        str(paths[1]),
+    ]
     assert (plan.slurm_dir / "git.diff").read_text() == "diff --git x"  # a dirty tree's diff is kept
     assert os.access(paths[0], os.X_OK)
 
@@ -280,8 +310,15 @@ def test_cli_overrides_may_follow_options():
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["slurm", "submit", "r.yaml", "seed=1", "--profile", "local-cpu", "name=x", "--dry-run"])
-    assert (args.recipe, args.overrides, args.profile, args.dry_run) == ("r.yaml", ["seed=1", "name=x"], "local-cpu", True)
+    args = parser.parse_args(
+        ["slurm", "submit", "r.yaml", "seed=1", "--profile", "local-cpu", "name=x", "--dry-run"]
+    )
+    assert (args.recipe, args.overrides, args.profile, args.dry_run) == (
+        "r.yaml",
+        ["seed=1", "name=x"],
+        "local-cpu",
+        True,
+    )
 
 
 def test_prepare_data_script(tmp_path):
@@ -294,13 +331,17 @@ def test_prepare_data_script(tmp_path):
     assert {"#SBATCH --partition=cpu_p1", "#SBATCH --account=abc@cpu", "#SBATCH --qos=qos_cpu-t3",
             "#SBATCH --cpus-per-task=96", "#SBATCH --time=01:00:00", "#SBATCH --no-requeue"} <= set(lines)  # fmt: skip
     assert "--gres" not in text and "--constraint" not in text
-    assert f"exec python -m communs data prepare /d/sources.yaml --out {tmp_path / 'data'} --vocab-size 8192" in lines
+    assert (
+        f"exec python -m communs data prepare /d/sources.yaml --out {tmp_path / 'data'} --vocab-size 8192"
+        in lines
+    )
     subprocess.run(["bash", "-n"], input=text, text=True, check=True)
 
 
 def test_rank_records_the_exit_code(tmp_path):
     mod = tmp_path / "exiter.py"
-    mod.write_text(textwrap.dedent("""
+    mod.write_text(
+        textwrap.dedent("""
         import sys
         def main(argv):
             if argv[0] == "raise":
@@ -308,7 +349,8 @@ def test_rank_records_the_exit_code(tmp_path):
             if argv[0] == "sysexit":
                 sys.exit(int(argv[1]))
             return int(argv[0])
-    """))
+    """)
+    )
     for args, code in ((["75"], 75), (["0"], 0), (["sysexit", "4"], 4), (["raise"], 1)):
         env = {**os.environ, "RANK": "3", "PYTHONPATH": f"{tmp_path}:{ROOT}"}
         attempt = tmp_path / f"att-{code}"
@@ -317,3 +359,24 @@ def test_rank_records_the_exit_code(tmp_path):
         assert res.returncode == code, res.stderr
         assert (attempt / "rank3").read_text() == f"{code}\n"
     assert "RuntimeError: boom" in res.stderr
+
+
+def test_prepare_data_dry_run(tmp_path, capsys):
+    import communs
+
+    out = tmp_path / "data"
+    rc = communs.main(["slurm", "prepare-data", str(ROOT / "data/demo/sources.yaml"), "--profile", "local-cpu",
+                       "--out", str(out), "--time", "30", "--dry-run"])  # fmt: skip
+    assert rc == 0
+    script = out / "slurm" / "prepare.sbatch"
+    assert f"would run: sbatch --parsable {script}" in capsys.readouterr().out
+    text = script.read_text()
+    assert "#SBATCH --partition=debug" in text and "#SBATCH --time=00:30:00" in text
+    assert f"-m communs data prepare {ROOT / 'data/demo/sources.yaml'} --out {out}" in text
+    assert not (out / "slurm" / "prepare.json").exists()
+    assert communs.main(["slurm", "prepare-data", str(tmp_path / "nope.yaml"), "--profile", "local-cpu",
+                         "--out", str(out)]) == 2  # fmt: skip
+    assert (
+        capsys.readouterr().err.strip()
+        == f"communs slurm: error: sources file {tmp_path / 'nope.yaml'} does not exist"
+    )

@@ -18,6 +18,7 @@ def test_encode_is_sentencepiece_on_the_whole_corpus(tok, corpus):
         assert ids == tok.sp.encode(doc)
         assert tok.decode(ids) == doc
     assert batch == tok.encode_batch(docs, num_threads=1)
+    assert batch[:5] == tok.encode_batch(d for d in docs[:5])  # any iterable
     assert [tok.encode(d) for d in docs[:20]] == batch[:20]
 
 
@@ -37,6 +38,7 @@ def test_marker_and_segment_break_rules(tok):
     assert tok.decode(tok.encode(f"bon{SEGMENT_BREAK}jour")) == "bonjour"
     # A text that is exactly one piece's spelling is that piece (the HF export's ignore_merges rule).
     assert tok.encode("<s>") == [tok.bos_id] and tok.encode("<0x41>") == [tok.sp.piece_to_id("<0x41>")]
+    assert tok.encode_batch(["<unk>", "<pad>", "a<|im_end|><s>"]) == [[0], [3], [*tok.encode("a"), 5, 1]]
 
 
 def test_encode_iter_streams_in_order_with_a_progress_bar(tok, corpus, capsys):

@@ -21,8 +21,16 @@ def test_folder_and_config(tok, tmp_path):
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["split_special_tokens"] is True and config["clean_up_tokenization_spaces"] is False
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast" and config["communs_sha256"] == tok.sha256
-    assert (out / "chat_template.jinja").read_text() == jinja_template()
+    assert (out / "chat_template.jinja").read_text() == config["chat_template"] == jinja_template()
     check_export(tok, out)  # what `communs tokenizer export` runs after writing
+    # Exporting again into a folder that holds other files (a model's weights) keeps them, replaces ours.
+    (out / "model.safetensors").write_bytes(b"weights")
+    (out / "tokenizer.json").write_text("stale")
+    tok.export_hf(out, model_max_length=2048)
+    assert sorted(p.name for p in out.iterdir()) == sorted(names + ["model.safetensors"])
+    assert (out / "model.safetensors").read_bytes() == b"weights"
+    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 2048
+    check_export(tok, out)
 
 
 def test_special_tokens(hf_tok, tok):
@@ -49,6 +57,8 @@ EXTRA_CASES = (
     "a",
     "<s>",
     "</s>",
+    "<unk>",
+    "<pad>",
     "<0x41>",
     "<|im_start|>",
     "l'",

@@ -1,0 +1,275 @@
+"""corpus: curation pipeline throughput on real French text, and the packed loader.
+
+1. Pipeline: the French public-domain corpus (../shared/data/fr-public-domain: 19th-century novels
+   and short stories) through the default stages (normalise → quality → langid → toxicity → PII →
+   dedup → opt-out → licence), long documents cut into 20,000-character chunks. Reported: MB/s per
+   core with 1 and with 2 worker processes, measured in alternated rounds, and the ratio of the
+   two (the parallel speed-up); then each stage's MB/s alone (one process).
+2. Loader: `PackedReader.batch` (vectorised: windows sliced from the flat token arrays, positions
+   from the document offsets with numpy) vs a per-sample gather (for each window, a Python loop over
+   the documents it overlaps, as a straightforward loader does), batch 8 × seq 1024, on shards of
+   long documents (the novel chunks above) and of short ones (GSM8K problems, ~150 tokens), encoded
+   with a tokenizer trained on the chunks. Outputs checked equal first.
+3. Loader as a share of a training step: `PackedReader.batch` for one step's batch vs one
+   forward+backward of model.llama's `tiny` model (vocab 8192, batch 8 × seq 256, fp32, CPU).
+
+Each ratio is per round (contestants alternated, order rotated), median and min-max over rounds.
+Run: `python benchmarks/bench_corpus.py [--mb 6] [--rounds 3]` (a few minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import os
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from corpus.loader import PackedReader  # noqa: E402
+from corpus.pipeline import curate  # noqa: E402
+from corpus.shards import write_shard  # noqa: E402
+from corpus.sources import load_sources  # noqa: E402
+from corpus.stages import PER_DOC_STAGES, StageContext  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "fr-public-domain"
+
+
+def corpus_subset(folder: Path, mb: float) -> int:
+    """Copy whole files of the French corpus (sorted, alternating collections) up to `mb` MB."""
+    files = sorted(DATA.glob("*/txt/*.txt"))
+    if not files:
+        sys.exit(f"no text under {DATA}")
+    (folder / "txt").mkdir(parents=True)
+    total = 0
+    for f in sorted(files, key=lambda p: (p.name[-10:], p.name)):
+        data = f.read_bytes()
+        (folder / "txt" / f.name).write_bytes(data)
+        total += len(data)
+        if total >= mb * 1e6:
+            break
+    (folder / "sources.yaml").write_text(
+        textwrap.dedent(
+            """\
+            release: {licence: Apache-2.0}
+            sources:
+              - {id: fr, format: text, paths: [txt/*.txt], licence: public-domain, language: fr,
+                 domain: literature, url: https://github.com/cligs/textbox}
+            """
+        )
+    )
+    return total
+
+
+def ratio_table(title: str, rows: list[tuple[str, list[float]]]) -> None:
+    print(f"\n{title}")
+    print(f"{'':44s} {'median':>8s} {'min':>8s} {'max':>8s}")
+    for name, values in rows:
+        print(f"{name:44s} {statistics.median(values):8.2f} {min(values):8.2f} {max(values):8.2f}")
+
+
+def bench_pipeline(folder: Path, n_bytes: int, rounds: int) -> list:
+    sf = load_sources(folder / "sources.yaml")
+    curate(sf, workers=1)  # warm: imports, HF datasets set-up, langid model
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for r in range(rounds):
+        for workers in [1, 2] if r % 2 == 0 else [2, 1]:
+            t0 = time.perf_counter()
+            result = curate(sf, workers=workers)
+            times[workers].append(time.perf_counter() - t0)
+    mb = n_bytes / 1e6
+    print(f"\nPipeline: {mb:.1f} MB of French text, {sum(len(v) for v in result.docs.values())} chunks kept")
+    rows = [
+        ("MB/s per core, 1 worker", [mb / t for t in times[1]]),
+        ("MB/s per core, 2 workers", [mb / t / 2 for t in times[2]]),
+        ("speed-up 2 workers vs 1 (time ratio)", [a / b for a, b in zip(times[1], times[2])]),
+    ]
+    ratio_table("Pipeline throughput (rounds alternated)", rows)
+    # Each stage alone, on the same (normalised) chunks, one process.
+    docs = [d for d in result.docs["fr"]]
+    src = sf.source("fr")
+    ctx = StageContext(languages=src.language)
+    print(f"\n{'stage alone (1 process)':44s} {'MB/s':>8s}")
+    for name in ("normalise", "quality", "langid", "toxicity", "pii", "optout"):
+        t0 = time.perf_counter()
+        for d in docs:
+            PER_DOC_STAGES[name](d, src.stages[name], ctx)
+        print(f"{name:44s} {sum(len(d.text.encode()) for d in docs) / 1e6 / (time.perf_counter() - t0):8.2f}")
+    from corpus.dedup import signature
+
+    t0 = time.perf_counter()
+    for d in docs:
+        signature(d.text, 128, 5)
+    print(
+        f"{'dedup (MinHash signatures)':44s} {sum(len(d.text.encode()) for d in docs) / 1e6 / (time.perf_counter() - t0):8.2f}"
+    )
+    return docs
+
+
+class PerSampleGather:
+    """The straightforward loader: for each window, walk the documents it overlaps, one by one."""
+
+    def __init__(self, reader: PackedReader):
+        self.shards, self.seq_len = reader.shards, reader.seq_len
+        self.flat_starts = reader.doc_starts.tolist()
+        self.flat_docs = [(k, j) for k, s in enumerate(reader.shards) for j in range(s.n_docs)]
+
+    def __call__(self, i: int):
+        start, end = i * self.seq_len, i * self.seq_len + self.seq_len + 1
+        tokens, positions = [], []
+        d = bisect.bisect_right(self.flat_starts, start) - 1
+        pos = start
+        while pos < end:
+            k, j = self.flat_docs[d]
+            doc_begin = self.flat_starts[d]
+            doc = self.shards[k].doc(j)
+            take = doc[pos - doc_begin : min(len(doc), end - doc_begin)]
+            tokens.append(np.asarray(take, dtype=np.int64))
+            positions.append(np.arange(pos - doc_begin, pos - doc_begin + len(take)))
+            pos += len(take)
+            d += 1
+        tokens, positions = np.concatenate(tokens), np.concatenate(positions)
+        return tokens, positions[:-1], positions[1:] != 0
+
+
+def bench_loader(
+    name: str, arrays: list[np.ndarray], tmp: Path, rounds: int, seq_len: int = 1024, batch: int = 8
+):
+    prefixes = []
+    for k in range(4):  # several shards, as a real source has
+        write_shard(tmp / f"{name}-{k:05d}", arrays[k::4])
+        prefixes.append(tmp / f"{name}-{k:05d}")
+    reader = PackedReader(prefixes, seq_len)
+    gather = PerSampleGather(reader)
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, len(reader), batch) for _ in range(200)]
+    for idx in batches[:20]:
+        got = reader.batch(idx)
+        for row, i in enumerate(idx):
+            for g, r in zip(got, gather(int(i))):
+                assert np.array_equal(g[row], r)
+
+    def vectorised():
+        for idx in batches:
+            reader.batch(idx)
+
+    def per_sample():
+        for idx in batches:
+            parts = [gather(int(i)) for i in idx]
+            [np.stack(p) for p in zip(*parts)]
+
+    times: dict[str, list[float]] = {"batch": [], "per_sample": []}
+    contestants = [("batch", vectorised), ("per_sample", per_sample)]
+    for r in range(max(rounds, 5)):
+        for cname, fn in contestants if r % 2 == 0 else contestants[::-1]:
+            t0 = time.perf_counter()
+            fn()
+            times[cname].append(time.perf_counter() - t0)
+    n_tok = len(batches) * batch * seq_len
+    print(
+        f"\nLoader, {name}: {reader.n_tokens:,} tokens, {len(prefixes)} shards, {reader.n_docs} docs "
+        f"(mean {reader.n_tokens / reader.n_docs:.0f} tokens), batch {batch} x seq {seq_len}: "
+        f"PackedReader.batch {n_tok / statistics.median(times['batch']) / 1e6:.1f} M tokens/s"
+    )
+    ratio_table(
+        f"Loader speed-up, {name} (their time / ours)",
+        [
+            (
+                "per-sample gather (loop over docs) / batch",
+                [a / b for a, b in zip(times["per_sample"], times["batch"])],
+            )
+        ],
+    )
+    return reader
+
+
+def bench_step_share(reader_1024: PackedReader, rounds: int) -> None:
+    import dataclasses
+
+    import torch
+
+    from model.llama import SIZES, Transformer
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    batch, seq_len = 8, 256
+    cfg = dataclasses.replace(SIZES["tiny"], vocab_size=8192, max_seq_len=seq_len)
+    model = Transformer(cfg)
+    reader = PackedReader([s.prefix for s in reader_1024.shards], seq_len)
+    rng = np.random.default_rng(1)
+
+    def load():
+        tokens, positions, loss_mask = reader.batch(rng.integers(0, len(reader), batch))
+        return tokens, positions, loss_mask
+
+    def step(tokens, positions, loss_mask):
+        x = torch.from_numpy(tokens[:, :-1])
+        y = torch.from_numpy(np.where(loss_mask, tokens[:, 1:], -100))
+        out = model(x, torch.from_numpy(positions), y)
+        out.loss.backward()
+
+    step(*load())  # warm-up
+    shares = []
+    for r in range(max(rounds, 5)):
+        t_load = t_step = 0.0
+        for k in range(5):
+            if (r + k) % 2 == 0:
+                t0 = time.perf_counter()
+                data = load()
+                t_load += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                step(*data)
+                t_step += time.perf_counter() - t0
+            else:
+                data = load()
+                t0 = time.perf_counter()
+                step(*data)
+                t_step += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                load()
+                t_load += time.perf_counter() - t0
+        shares.append(100 * t_load / t_step)
+    ratio_table(
+        f"Loader time as % of one training step (tiny model, V 8192, batch {batch} × seq {seq_len}, fwd+bwd)",
+        [("PackedReader.batch / step, %", shares)],
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=float, default=6.0, help="MB of French text for the pipeline")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    from tokenizer import Tokenizer, train_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        n_bytes = corpus_subset(tmp / "fr", args.mb)
+        docs = bench_pipeline(tmp / "fr", n_bytes, args.rounds)
+        (tmp / "loader").mkdir()
+        texts = [d.text for d in docs]
+        tok = Tokenizer.load(train_tokenizer(texts, tmp / "tok", 8192, seed=0))
+        novels = [np.asarray([1, *ids, 2], dtype=np.uint32) for ids in tok.encode_batch(texts, num_threads=2)]
+        reader = bench_loader("novel chunks", novels, tmp / "loader", args.rounds)
+        gsm = [json.loads(line) for line in (ROOT / "data" / "demo" / "gsm8k" / "train-excerpt.jsonl").open()]
+        gsm_texts = [f"Question: {r['question']}\nWorked answer:\n{r['answer']}" for r in gsm]
+        short = [
+            np.asarray([1, *ids, 2], dtype=np.uint32) for ids in tok.encode_batch(gsm_texts, num_threads=2)
+        ]
+        bench_loader("GSM8K problems", short, tmp / "loader", args.rounds)
+        bench_step_share(reader, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""`communs data prepare` end to end on a small real corpus: manifest, determinism, resume, opt-out."""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import communs
+from communs import UserError
+from corpus import prepare as prepare_mod
+from corpus.audit import diff_manifests, exposure
+from corpus.loader import PackedReader
+from corpus.manifest import load_manifest, shard_prefixes, verify_data_dir
+from corpus.optout import add_entry
+from corpus.prepare import prepare
+from corpus.seen import seen
+from corpus.shards import Shard
+
+
+def test_manifest_fields_shards_and_determinism(corpus_dir, small_tokenizer, tmp_path):
+    m1 = prepare(corpus_dir, tmp_path / "a", tokenizer=small_tokenizer, workers=1)
+    m2 = prepare(corpus_dir, tmp_path / "deeper" / "b", tokenizer=small_tokenizer, workers=2)
+    a, b = tmp_path / "a" / "manifest.json", tmp_path / "deeper" / "b" / "manifest.json"
+    assert a.read_bytes() == b.read_bytes()  # same inputs + config → byte-identical, any worker count
+    assert m1 == m2 == load_manifest(a)
+    m = m1
+    assert m["format"] == "communs.manifest/1" and len(m["root_hash"]) == 64
+    assert m["tokenizer"]["path"] == "tokenizer/tokenizer.model" and m["tokenizer"]["vocab_size"] == 400
+    assert (m["tokenizer"]["bos_id"], m["tokenizer"]["eos_id"], m["tokenizer"]["pad_id"]) == (1, 2, 3)
+    assert set(m["sources"]) == {"novels", "qa", "chat"}
+    novels = m["sources"]["novels"]
+    assert novels["conditions"] == {
+        "commercial": True, "attribution": False, "share_alike": False, "no_derivatives": False,
+        "phases": ["pretrain", "context-extension", "anneal", "sft"],
+    }  # fmt: skip
+    assert novels["kind"] == "text" and m["sources"]["chat"]["kind"] == "chat"
+    assert [a["source"] for a in m["release"]["attribution"]] == ["qa", "chat"]  # MIT requires attribution
+
+    provenance = [json.loads(line) for line in (tmp_path / "a" / "provenance.jsonl").open()]
+    for sid, src in m["sources"].items():
+        kept = [r for r in provenance if r["source"] == sid and r["fate"] == "kept"]
+        assert (
+            src["counts"]["kept"]
+            == len(kept)
+            == src["splits"]["train"]["n_docs"] + src["splits"]["val"]["n_docs"]
+        )
+        for split in ("train", "val"):
+            info = src["splits"][split]
+            assert info["n_docs"] >= 1
+            prefixes = shard_prefixes(m, a, sid, split)
+            shards = [Shard.open(p) for p in prefixes]
+            assert sum(s.n_tokens for s in shards) == info["n_tokens"]
+            assert [r["id"] for r in kept if r["split"] == split][:1]  # provenance knows each doc's split
+            for s in shards:
+                starts, ends = s.offsets[:-1], s.offsets[1:] - 1
+                assert (s.tokens[starts] == 1).all() and (s.tokens[ends] == 2).all()  # [bos] … [eos]
+                assert (s.mask is not None) == (sid == "chat") == info["shards"][0]["has_mask"]
+    assert (
+        len(prefixes_novels := shard_prefixes(m, a, "novels", "train")) >= 2
+    )  # max_tokens 4096 → several shards
+    reader = PackedReader(shard_prefixes(m, a, "chat", "train"), 32)
+    _, _, loss = reader.batch(np.arange(len(reader)))
+    assert 0.2 < loss.mean() < 0.95  # only assistant tokens are learned
+    assert len(PackedReader(prefixes_novels, 32)) > 100
+    assert verify_data_dir(tmp_path / "a") == []
+
+
+def test_tokenizer_is_trained_and_prepare_resumes_after_a_crash(corpus_dir, tmp_path, monkeypatch):
+    clean = prepare(corpus_dir, tmp_path / "clean", vocab_size=400, workers=1)
+    real_write = prepare_mod.write_shard
+    calls = {"n": 0}
+
+    def crash_on_third(prefix, docs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash while writing a shard")
+        return real_write(prefix, docs)
+
+    monkeypatch.setattr(prepare_mod, "write_shard", crash_on_third)
+    out = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        prepare(corpus_dir, out, vocab_size=400, workers=1)
+    assert not (out / "manifest.json").exists()
+    assert glob.glob(str(out / "**" / ".*.tmp"), recursive=True) == []  # nothing half-written
+    finished = sorted(glob.glob(str(out / "shards" / "**" / "*.json"), recursive=True))
+    finished = [f for f in finished if not f.endswith("plan.json")]
+    assert len(finished) == 2
+    stamps = {f: Path(f).stat().st_mtime_ns for f in finished}
+    monkeypatch.setattr(prepare_mod, "write_shard", real_write)
+    resumed = prepare(corpus_dir, out, vocab_size=400, workers=1)
+    assert {f: Path(f).stat().st_mtime_ns for f in finished} == stamps  # finished shards not redone
+    assert resumed == clean
+    assert (out / "manifest.json").read_bytes() == (tmp_path / "clean" / "manifest.json").read_bytes()
+
+
+def test_optout_rebuild_diff_exposure_and_seen(corpus_dir, small_tokenizer, tmp_path):
+    out = tmp_path / "data"
+    old = prepare(corpus_dir, out, tokenizer=small_tokenizer, workers=1)
+    old_prov = [json.loads(line) for line in (out / "provenance.jsonl").open()]
+    by_maupassant = sorted(
+        r["id"] for r in old_prov if r.get("author") == "Maupassant" and r["fate"] == "kept"
+    )
+    assert by_maupassant and all(i.startswith("rd0056") for i in by_maupassant)
+    qa_doc = next(r for r in old_prov if r["source"] == "qa" and r["fate"] == "kept")
+
+    # seen: by id, by sha256, by text (an index lookup)
+    assert [r["id"] for r in seen(by_maupassant[0], out)[1]] == [by_maupassant[0]]
+    assert [r["id"] for r in seen("rd0056", out)[1]] == by_maupassant  # a parent id finds its chunks
+    assert seen(qa_doc["sha256"], out)[1][0]["id"] == qa_doc["id"]
+    curated = {json.loads(line)["id"]: json.loads(line) for line in (out / "curated" / "qa.jsonl").open()}
+    assert seen(curated[qa_doc["id"]]["text"], out) == ("text", [qa_doc])
+    assert seen("Un texte que personne n'a jamais écrit.", out) == ("text", [])
+
+    add_entry(corpus_dir.parent / "optout.jsonl", "author", "maupassant", "asked by the estate", "2026-01-01")
+    add_entry(corpus_dir.parent / "optout.jsonl", "doc_id", qa_doc["id"], "", "2026-01-01")
+    new = prepare(corpus_dir, out, tokenizer=small_tokenizer, workers=1)
+    assert new["root_hash"] != old["root_hash"] and new["optout"]["n_entries"] == 2
+    archived = out / "history" / old["root_hash"] / "manifest.json"
+    assert load_manifest(archived) == old
+    d = diff_manifests(archived, out)
+    assert sorted(r["id"] for r in d["removed"]) == sorted(by_maupassant + [qa_doc["id"]])
+    assert {r["rule"] for r in d["removed"]} == {"optout.author", "optout.doc_id"}
+    assert d["added"] == [] and d["changed"] == []
+    assert seen(qa_doc["id"], out)[1][0]["rule"] == "optout.doc_id"
+
+    # A run trained on the old manifest is exposed, with its checkpoints; one on the new one is not.
+    runs = tmp_path / "runs"
+    for name, root in (("old-run", old["root_hash"]), ("new-run", new["root_hash"])):
+        (runs / name / "checkpoints" / "step-00000010").mkdir(parents=True)
+        (runs / name / "run.json").write_text(
+            json.dumps({"manifest": str(out / "manifest.json"), "manifest_root_hash": root})
+        )
+        (runs / name / "checkpoints" / "step-00000010" / "client.json").write_text(
+            json.dumps({"manifest_root_hash": root})
+        )
+    report = exposure(corpus_dir.parent / "optout.jsonl", [runs])
+    assert [e["run"] for e in report] == [str(runs / "old-run")]
+    assert sorted(x["id"] for x in report[0]["documents"]) == sorted(by_maupassant + [qa_doc["id"]])
+    assert report[0]["checkpoints"] == ["step-00000010"]
+
+
+def test_verify_and_tampering(corpus_dir, small_tokenizer, tmp_path):
+    out = tmp_path / "data"
+    m = prepare(corpus_dir, out, tokenizer=small_tokenizer, workers=1)
+    tokens = Path(f"{shard_prefixes(m, out, 'qa', 'train')[0]}.tokens")
+    data = bytearray(tokens.read_bytes())
+    data[8] ^= 1
+    tokens.write_bytes(bytes(data))
+    assert verify_data_dir(out) == [f"{tokens}: sha256 differs from {tokens.with_suffix('.json')}"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["sources"]["qa"]["licence"] = "CC0-1.0"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="root_hash does not match"):
+        load_manifest(out / "manifest.json")
+
+
+def test_cli_bad_input_is_one_line_exit_2(corpus_dir, tmp_path, capsys):
+    text = corpus_dir.read_text().replace("licence: MIT", "licence: CC-BY-NC-ND-4.0", 1)
+    corpus_dir.write_text(text)
+    code = communs.main(["data", "prepare", str(corpus_dir), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "sources[qa].licence: CC-BY-NC-ND-4.0 cannot be released under Apache-2.0" in err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,157 @@
+"""Bad input: each case is reported as file:line (or file:byte), counted, and skipped or fatal by policy."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from communs import UserError
+from corpus.pipeline import curate
+from corpus.readers import split_text
+from corpus.sources import load_sources
+from corpus.stages import normalise_text
+
+DEMO = Path(__file__).resolve().parents[2] / "data" / "demo"
+NOVEL = (DEMO / "roman19" / "txt" / "Maupassant_UneVie-rd0056.txt").read_text(encoding="utf-8")
+
+
+def _sources(tmp: Path, body: str, errors: str = "skip") -> Path:
+    path = tmp / "sources.yaml"
+    path.write_text(
+        f"release: {{licence: Apache-2.0}}\npipeline: {{errors: {errors}, chunk_chars: 4000}}\n"
+        + textwrap.dedent(body)
+    )
+    return path
+
+
+JSONL_SOURCE = """\
+sources:
+  - id: docs
+    format: jsonl
+    paths: [docs.jsonl]
+    id_field: key
+    licence: CC-BY-4.0
+    language: fr
+    domain: web
+    url: https://example.org
+    stages: {quality: false, langid: false}
+"""
+
+
+def _paragraph(k: int) -> str:
+    return NOVEL[3000 + 700 * k : 3000 + 700 * k + 600]
+
+
+def _write_bad_jsonl(tmp: Path) -> None:
+    lines = [
+        json.dumps({"key": "a", "text": _paragraph(0)}).encode(),
+        b'{"key": "b", "text": "unterminated',  # line 2: malformed
+        json.dumps({"key": "c", "text": _paragraph(1)}, ensure_ascii=False).encode()[:-30]
+        + b"\xff\xfe"
+        + b'"}',  # 3
+        json.dumps({"key": "d", "text": "   "}).encode(),  # line 4: empty
+        json.dumps({"key": "e", "body": _paragraph(2)}).encode(),  # line 5: no text field
+        b"",  # line 6: blank, ignored
+        json.dumps({"key": "f", "text": _paragraph(3)}).encode(),
+    ]
+    (tmp / "docs.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+
+
+def test_bad_jsonl_lines_are_skipped_counted_and_recorded(tmp_path):
+    _write_bad_jsonl(tmp_path)
+    result = curate(load_sources(_sources(tmp_path, JSONL_SOURCE)))
+    assert [d.id for d in result.docs["docs"]] == ["docs:a", "docs:f"]
+    assert result.counts["docs"]["removed"] == {
+        "read.empty": 1, "read.invalid_utf8": 1, "read.malformed_json": 1, "read.missing_field": 1,
+    }  # fmt: skip
+    assert result.counts["docs"]["read"] == 6
+    problems = {r["rule"]: r for r in result.provenance if r["fate"] == "removed"}
+    assert problems["read.malformed_json"]["where"].endswith("docs.jsonl:2")
+    assert problems["read.invalid_utf8"]["where"].endswith("docs.jsonl:3")
+    assert problems["read.empty"]["id"] == "docs:d"
+    assert problems["read.missing_field"]["message"] == "missing text field 'text'"
+
+
+def test_bad_jsonl_line_is_fatal_by_policy(tmp_path):
+    _write_bad_jsonl(tmp_path)
+    with pytest.raises(
+        UserError,
+        match=r"docs\.jsonl:2: malformed JSON \(Unterminated string.*\(sources\[docs\]\.errors is 'fatal'\)",
+    ):
+        curate(load_sources(_sources(tmp_path, JSONL_SOURCE, errors="fatal")))
+
+
+TEXT_SOURCE = """\
+sources:
+  - id: books
+    format: text
+    paths: [books/*.txt]
+    id_pattern: '-(bk\\d+)\\.txt$'
+    licence: public-domain
+    language: fr
+    domain: literature
+    url: https://example.org
+"""
+
+
+def test_text_files_invalid_utf8_empty_and_huge(tmp_path):
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "a-bk1.txt").write_text(NOVEL[:30000], encoding="utf-8")  # huge: split in chunks
+    (tmp_path / "books" / "b-bk2.txt").write_bytes(
+        NOVEL[:3000].encode() + b"\xc3\x28" + NOVEL[3000:6000].encode()
+    )
+    (tmp_path / "books" / "c-bk3.txt").write_text("\n  \n", encoding="utf-8")
+    result = curate(load_sources(_sources(tmp_path, TEXT_SOURCE)))
+    records = {r["id"]: r for r in result.provenance}
+    assert records["bk2"]["rule"] == "read.invalid_utf8" and records["bk2"]["where"].endswith(
+        f"b-bk2.txt:byte {len(NOVEL[:3000].encode())}"
+    )
+    assert records["bk3"]["rule"] == "read.empty"
+    chunks = [d for d in result.docs["books"]]
+    assert len(chunks) >= 8 and all(len(d.text) <= 4000 for d in chunks)
+    assert [d.id for d in chunks][:2] == ["bk1#0000", "bk1#0001"] and {d.parent for d in chunks} == {"bk1"}
+    assert result.counts["books"]["read"] == len(chunks) + 2
+
+
+def test_split_text_rebuilds_on_line_breaks():
+    pieces = split_text(NOVEL[:50000], 5000)
+    assert all(len(p) <= 5000 for p in pieces)
+    assert "\n".join(pieces) == NOVEL[:50000].strip("\n") or "\n".join(pieces) == NOVEL[:50000]
+    long_line = "mot " * 3000  # one 12,000-character line: cut at spaces
+    cut = split_text(long_line, 5000)
+    assert all(len(p) <= 5000 for p in cut) and " ".join(cut).split() == long_line.split()
+
+
+def test_parquet_through_hf_datasets(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [_paragraph(k) for k in range(3)]
+    pq.write_table(pa.table({"id": ["x", "y", "z"], "content": texts}), tmp_path / "part.parquet")
+    body = JSONL_SOURCE.replace("jsonl", "parquet").replace("docs.parquet", "part.parquet")
+    body = body.replace("id_field: key", "id_field: id\n    text_field: content")
+    result = curate(load_sources(_sources(tmp_path, body)))
+    assert [(d.id, d.text) for d in result.docs["docs"]] == [
+        ("docs:x", normalise_text(texts[0])), ("docs:y", normalise_text(texts[1])), ("docs:z", normalise_text(texts[2]))
+    ]  # fmt: skip
+
+
+def test_chat_records_and_missing_messages(tmp_path):
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "Combien font 2 + 2 ?"},
+                {"role": "assistant", "content": "2 + 2 = 4."},
+            ]
+        },
+        {"conversation": []},
+    ]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    body = JSONL_SOURCE.replace("docs.jsonl", "chat.jsonl").replace("    id_field: key\n", "    kind: chat\n")
+    body = body.replace("stages: {quality: false, langid: false}", "stages: {quality: false, langid: false}")
+    result = curate(load_sources(_sources(tmp_path, body)))
+    assert [d.messages for d in result.docs["docs"]] == [rows[0]["messages"]]
+    assert [r["rule"] for r in result.provenance] == [None, "read.missing_field"]
