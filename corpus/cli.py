@@ -71,9 +71,10 @@ def _prepare(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers: must be at least 1, got {args.workers}")
     t0 = time.perf_counter()
+    timings: dict[str, float] = {}
     manifest = prepare(
         args.sources, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer, workers=args.workers,
-        progress=not args.no_progress and sys.stderr.isatty(),
+        progress=not args.no_progress and sys.stderr.isatty(), timings=timings,
     )  # fmt: skip
     for sid, s in manifest["sources"].items():
         removed = sum(s["counts"]["removed"].values())
@@ -82,9 +83,9 @@ def _prepare(args: argparse.Namespace) -> int:
             f"{sid:14s} kept {s['counts']['kept']:6d}  removed {removed:5d}  "
             f"train {tr['n_docs']:6d} docs {tr['n_tokens']:10d} tok  val {va['n_docs']:5d} docs {va['n_tokens']:9d} tok"
         )
-    print(
-        f"{Path(args.out) / 'manifest.json'}: root_hash {manifest['root_hash']} ({time.perf_counter() - t0:.1f} s)"
-    )
+    steps = ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+    print(f"{Path(args.out) / 'manifest.json'}: root_hash {manifest['root_hash']}")
+    print(f"prepared in {time.perf_counter() - t0:.1f} s ({steps})")
     return 0
 
 

@@ -10,6 +10,7 @@ depend on the number of workers.
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import numpy as np
@@ -37,12 +38,27 @@ def shingle_hashes(text: str, size: int) -> np.ndarray:
     return np.unique((h >> np.uint64(32)) ^ (h & np.uint64(0xFFFFFFFF)))
 
 
-def signature(text: str, num_perm: int, size: int) -> np.ndarray:
-    """The MinHash signature (num_perm,) uint32 of a text's word shingles."""
+@functools.cache
+def _permutations(num_perm: int):
+    """datasketch draws its permutations from a seeded RNG on every MinHash(): draw them once."""
+    from datasketch import MinHash
+
+    return MinHash(num_perm=num_perm, seed=MINHASH_SEED, scheme=MINHASH_SCHEME).permutations
+
+
+def _minhash(num_perm: int, hashvalues: np.ndarray | None = None):
     from datasketch import MinHash
 
     # The shingles are already hashed: datasketch's hash function is the identity.
-    m = MinHash(num_perm=num_perm, seed=MINHASH_SEED, scheme=MINHASH_SCHEME, hashfunc=int)
+    return MinHash(
+        num_perm=num_perm, seed=MINHASH_SEED, scheme=MINHASH_SCHEME, hashfunc=int,
+        hashvalues=hashvalues, permutations=_permutations(num_perm),
+    )  # fmt: skip
+
+
+def signature(text: str, num_perm: int, size: int) -> np.ndarray:
+    """The MinHash signature (num_perm,) uint32 of a text's word shingles."""
+    m = _minhash(num_perm)
     m.update_batch(shingle_hashes(text, size).tolist())
     return m.hashvalues.copy()
 
@@ -69,7 +85,7 @@ def find_duplicates(
             first_by_hash[sha] = doc_id
         if sig is None:
             continue
-        m = MinHash(num_perm=num_perm, seed=MINHASH_SEED, hashvalues=sig, scheme=MINHASH_SCHEME)
+        m = _minhash(num_perm, sig)
         # Candidates are confirmed by the estimate, then the earliest one is named.
         matches = [c for c in lsh.query(m) if kept_sigs[c].jaccard(m) >= threshold]
         if matches:

@@ -12,8 +12,8 @@ the tail that does not fill a window is not served.
 - loss_mask is on the targets tokens[1:]: 0 where the target is a document's first token (nothing
   before it predicts it) or where the shard's loss mask is 0 (chat data: non-assistant tokens).
 
-Everything is computed with numpy on whole windows (no loop over documents); `batch(indices)`
-does a batch of windows at once. The reader holds no state: order and resume belong to the caller
+Everything is computed with numpy on whole batches of windows (tokens gathered once per shard,
+positions from the document offsets; no loop over documents); `batch(indices)` does a batch. The reader holds no state: order and resume belong to the caller
 (`order(seed, epoch)` gives a seeded permutation of the windows).
 """
 
@@ -43,7 +43,11 @@ class PackedReader:
             [s.offsets[:-1].astype(np.int64) + b for s, b in zip(self.shards, self._bounds[:-1])]
         )
         self.n_docs = len(self.doc_starts)
+        self._doc_bounds = np.append(self.doc_starts, self.n_tokens)  # (n_docs + 1,) starts, then the end
         self.has_mask = any(s.mask is not None for s in self.shards)
+        # Plain ndarray views of the memory maps: same pages, without np.memmap's per-slice overhead.
+        self._tokens = [np.asarray(s.tokens) for s in self.shards]
+        self._masks = [None if s.mask is None else np.asarray(s.mask).view(bool) for s in self.shards]
 
     def __len__(self) -> int:
         return max(0, (self.n_tokens - 1) // self.seq_len)
@@ -57,12 +61,12 @@ class PackedReader:
         k = int(np.searchsorted(self._bounds, start, side="right")) - 1
         filled, n = 0, len(tokens)
         while filled < n:
-            shard = self.shards[k]
             lo = start + filled - int(self._bounds[k])
-            take = min(n - filled, shard.n_tokens - lo)
-            tokens[filled : filled + take] = shard.tokens[lo : lo + take]
+            take = min(n - filled, len(self._tokens[k]) - lo)
+            tokens[filled : filled + take] = self._tokens[k][lo : lo + take]
             if mask is not None:
-                mask[filled : filled + take] = True if shard.mask is None else shard.mask[lo : lo + take]
+                m = self._masks[k]
+                mask[filled : filled + take] = True if m is None else m[lo : lo + take]
             filled += take
             k += 1
 
@@ -74,26 +78,36 @@ class PackedReader:
             raise IndexError(f"window index out of range [0, {n})")
         T, B = self.seq_len, len(idx)
         starts = idx * T  # (B,) first global token of each window
+        pos = starts[:, None] + np.arange(T + 1)  # (B, T+1) global token positions
+
+        # Tokens: one gather per shard for the windows inside it; a window across shards is copied slice by slice.
+        shard_of = np.searchsorted(self._bounds, starts, side="right") - 1  # (B,)
+        inside = starts + T + 1 <= self._bounds[shard_of + 1]
         tokens = np.empty((B, T + 1), dtype=np.int64)
-        mask = np.empty((B, T + 1), dtype=bool) if self.has_mask else None
-        for b in range(B):  # contiguous slices of the memory maps, no per-document work
+        mask = np.ones((B, T + 1), dtype=bool) if self.has_mask else None
+        for k in np.unique(shard_of[inside]):
+            rows = np.flatnonzero(inside & (shard_of == k))
+            local = pos[rows] - self._bounds[k]
+            tokens[rows] = self._tokens[k][local]
+            if mask is not None and self._masks[k] is not None:
+                mask[rows] = self._masks[k][local]
+        for b in np.flatnonzero(~inside):
             self._copy_window(int(starts[b]), tokens[b], None if mask is None else mask[b])
 
-        # Position inside its document for every token: pos − (start of the latest document starting at or
-        # before it). Scatter each window's inner document starts, then a running maximum along the window.
-        first = np.searchsorted(self.doc_starts, starts, side="right") - 1  # (B,) document holding the start
-        last = np.searchsorted(self.doc_starts, starts + T + 1, side="left")  # (B,) end of the documents seen
-        inner = last - first - 1  # (B,) documents starting strictly inside each window
-        base = np.zeros((B, T + 1), dtype=np.int64)
-        base[:, 0] = self.doc_starts[first]
-        if inner.sum():
-            rows = np.repeat(np.arange(B), inner)
-            docs = np.repeat(first + 1, inner) + (
-                np.arange(inner.sum()) - np.repeat(np.cumsum(inner) - inner, inner)
-            )
-            base[rows, self.doc_starts[docs] - starts[rows]] = self.doc_starts[docs]
-        np.maximum.accumulate(base, axis=1, out=base)
-        in_doc = starts[:, None] + np.arange(T + 1) - base  # (B, T+1)
+        # Position inside its document: pos − start of its document. Each window is a run of document
+        # segments; their starts are repeated over their lengths (no loop over documents).
+        first = np.searchsorted(self.doc_starts, starts, side="right") - 1  # (B,) document holding each start
+        last = np.searchsorted(
+            self.doc_starts, starts + T + 1, side="left"
+        )  # (B,) one past the last document
+        n_seg = last - first  # (B,) segments per window
+        offsets = np.cumsum(n_seg) - n_seg
+        seg_doc = np.repeat(first - offsets, n_seg) + np.arange(n_seg.sum())  # (S,) document of each segment
+        seg_win = np.repeat(np.arange(B), n_seg)  # (S,) window of each segment
+        seg_begin = np.maximum(self._doc_bounds[seg_doc], starts[seg_win])
+        seg_end = np.minimum(self._doc_bounds[seg_doc + 1], starts[seg_win] + T + 1)
+        base = np.repeat(self._doc_bounds[seg_doc], seg_end - seg_begin).reshape(B, T + 1)
+        in_doc = pos - base  # (B, T+1)
         loss_mask = in_doc[:, 1:] != 0  # a document's first token is never a target
         if mask is not None:
             loss_mask &= mask[:, 1:]

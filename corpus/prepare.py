@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -333,8 +334,21 @@ def prepare(
     tokenizer: str | os.PathLike | None = None,
     workers: int | None = None,
     progress: bool = False,
+    timings: dict[str, float] | None = None,
 ) -> dict:
-    """Build a data directory from a sources file; return the manifest (also in out_dir/manifest.json)."""
+    """Build a data directory from a sources file; return the manifest (also in out_dir/manifest.json).
+
+    `timings`, when given, receives the wall time of each step (curate, tokenizer, shards, manifest).
+    """
+    timings = {} if timings is None else timings
+    clock = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[step] = timings.get(step, 0.0) + now - clock
+        clock = now
+
     sf = load_sources(sources_path)
     out = Path(out_dir)
     workers = workers or default_workers()
@@ -347,9 +361,11 @@ def prepare(
         inputs = {s.id: _inputs(sf, s) for s in sf.sources}
         fingerprint = _curation_fingerprint(sf, inputs)
         curated, splits = _curate_step(out, sf, fingerprint, workers, progress)
+        lap("curate")
         tok, tok_info = _tokenizer_step(
             out, sf, curated, splits, fingerprint, vocab_size, Path(tokenizer) if tokenizer else None, workers
         )
+        lap("tokenizer")
         source_entries = {}
         for s in sf.sources:
             split_entries = {}
@@ -370,9 +386,13 @@ def prepare(
         for stale in glob.glob(str(out / "curated" / "*.jsonl")):
             if Path(stale).stem not in source_entries:
                 Path(stale).unlink()
+        lap("shards")
         n_keys = build_index(out / "provenance.jsonl", out / "seen.index")
-        manifest = _manifest(out, sf, tok, tok_info, source_entries, n_keys)
-        return write_manifest(manifest, out / "manifest.json")
+        manifest = write_manifest(
+            _manifest(out, sf, tok, tok_info, source_entries, n_keys), out / "manifest.json"
+        )
+        lap("manifest")
+        return manifest
     except BaseException:
         _remove_temporaries(out)
         raise

@@ -294,6 +294,8 @@ def read_source(source: Source, base: Path) -> Iterator[Doc | Problem]:
                     messages=content,
                     meta=meta,
                 )
+    elif source.hf_dataset is not None:
+        yield from _read_with_datasets(source)
     elif source.format == "text":
         yield from _read_text_files(source)
     elif source.format == "jsonl":

@@ -239,7 +239,9 @@ def _parse_source(raw: Any, i: int, top: SourcesFile, base: Path) -> Source:
         if "params" in raw:
             raise UserError(f"{where}.params: only generator sources take params")
         src.format = raw.get("format")
-        if src.format not in FORMATS:
+        if "hf_dataset" in raw and src.format is None:
+            src.format = "hf_dataset"  # the dataset's own builder decides
+        elif src.format not in FORMATS:
             raise UserError(f"{where}.format: {src.format!r} is not one of {list(FORMATS)}")
         if "paths" in raw:
             src.files = _resolve_paths(raw["paths"], base, f"{where}.paths", top.never_read)
@@ -342,6 +344,10 @@ def load_sources(path: str | Path) -> SourcesFile:
         sources=[],
         raw=raw,
     )
+    if top.optout is not None and not top.optout.is_file():
+        raise UserError(
+            f"{path}: optout: {raw['optout']!r}: no such file (create it empty, or with `communs data optout add`)"
+        )
     if top.errors not in ERROR_POLICIES:
         raise UserError(f"{path}: pipeline.errors: {top.errors!r} is not one of {list(ERROR_POLICIES)}")
     if not 0.0 <= top.val_fraction < 1.0:

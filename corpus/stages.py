@@ -52,7 +52,7 @@ STAGE_DEFAULTS: dict[str, dict] = {
         "max_dup_7gram": 0.13,
         "max_dup_10gram": 0.10,
     },
-    "langid": {"enabled": True, "min_prob": 0.5, "max_chars": 1500},
+    "langid": {"enabled": True, "min_prob": 0.5, "max_chars": 1000},
     "toxicity": {"enabled": True, "wordlist": "default", "max_ratio": 0.002, "min_count": 3},
     "pii": {"enabled": True, "kinds": ["email", "phone", "iban", "nir", "ip"], "replacement": "<{KIND}>"},
     "dedup": {"enabled": True, "exact": True, "near": True, "threshold": 0.8, "num_perm": 128, "shingle": 5},
@@ -234,7 +234,7 @@ def _language_identifier():
     return LanguageIdentifier.from_modelpath(Path(MODEL_DIR) / MODEL_FILE, norm_probs=True)
 
 
-def detect_language(text: str, max_chars: int = 1500) -> tuple[str, float]:
+def detect_language(text: str, max_chars: int = 1000) -> tuple[str, float]:
     lang, prob = _language_identifier().classify(text[:max_chars])
     return str(lang), float(prob)
 

@@ -50,12 +50,16 @@ def available() -> dict[str, bool]:
         "liger_kernel": importlib.util.find_spec("liger_kernel") is not None,
         "flex_attention": importlib.util.find_spec("torch.nn.attention.flex_attention") is not None,
     }
-    if found["flash_attn"]:
-        try:
-            import flash_attn  # noqa: F401  (a wheel built for another CUDA/torch fails here)
-        except Exception as e:  # noqa: BLE001
-            log.warning("flash-attn is installed but does not import (%s): not used", e)
-            found["flash_attn"] = False
+    for name, module in (
+        ("flash_attn", "flash_attn"),
+        ("liger_kernel", "liger_kernel.transformers.functional"),
+    ):
+        if found[name] and found["cuda"]:
+            try:  # a wheel built for another CUDA/torch, or a missing triton, fails here
+                importlib.import_module(module)
+            except Exception as e:  # noqa: BLE001
+                log.warning("%s is installed but does not import (%s): not used", module, e)
+                found[name] = False
     log.info("model.ops: available %s", ", ".join(k for k, v in found.items() if v) or "nothing optional")
     _AVAILABLE.update(found)
     return _AVAILABLE

@@ -3,7 +3,7 @@
     OUT/model.safetensors         weights under LlamaForCausalLM names (fp32 or the given dtype)
     OUT/config.json               a stock LlamaConfig (no custom code, no trust_remote_code)
     OUT/generation_config.json    bos/eos/pad ids, the chat end-of-turn token as a stop token
-    OUT/tokenizer.json, tokenizer_config.json, special_tokens_map.json, tokenizer.model
+    OUT/tokenizer.json, tokenizer_config.json, chat_template.jinja, tokenizer.model
     OUT/communs.json              our ModelConfig and where the weights came from
 
 The folder is built under a temporary name next to OUT and renamed into place, so a crash never

@@ -118,11 +118,7 @@ EOF
   mv "$STATE/slurm.conf.new" "$STATE/slurm.conf"
 
 
-  # Never overwrite the configuration of a real cluster: only a missing file or one of ours is replaced.
   mkdir -p "$(dirname "$SYSTEM_CONF")"
-  if [ -e "$SYSTEM_CONF" ] && ! head -1 "$SYSTEM_CONF" 2>/dev/null | grep -qF "$MARKER"; then
-    die "$SYSTEM_CONF exists and was not written by this script; refusing to replace it"
-  fi
   ln -sfn "$STATE/slurm.conf" "$SYSTEM_CONF"
 }
 
@@ -162,7 +158,7 @@ stop_daemons() {
 wait_idle() {
   local i idle
   for i in $(seq 150); do
-    idle=$(sinfo -h -N -t idle -o '%N' 2>/dev/null | sort -u | wc -l || true)
+    idle=$(timeout 5 sinfo -h -N -t idle -o '%N' 2>/dev/null | sort -u | wc -l || true)
     if [ "$idle" -ge "$NODES" ]; then return 0; fi
     sleep 0.2
   done
@@ -172,6 +168,10 @@ wait_idle() {
 
 cmd_up() {
   [ "$(id -u)" = 0 ] || die "needs root (starts munge/slurm daemons, may apt-get install Slurm)"
+  # Never touch a real cluster's configuration (or its daemons): only a missing file or one of ours.
+  if [ -e "$SYSTEM_CONF" ] && ! head -1 "$SYSTEM_CONF" 2>/dev/null | grep -qF "$MARKER"; then
+    die "$SYSTEM_CONF exists and was not written by this script; refusing to replace it"
+  fi
   mkdir -p "$STATE"
   install_if_missing
   # A previous run (this script, or a CI job on a reused machine) may have left daemons: restart cleanly.

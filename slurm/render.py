@@ -14,9 +14,9 @@ from pathlib import Path
 
 from communs import UserError
 from slurm.profiles import Profile, format_time
+from train import EXIT_REQUEUE  # the ranks' "checkpointed, not finished" code: the job requeues on it
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-EXIT_REQUEUE = 75  # train.EXIT_REQUEUE: the template's shell compares the ranks' codes with it
 
 
 @dataclass(frozen=True)
@@ -170,6 +170,7 @@ def render_train_script(
         "python": q(python),
         "train_command": " ".join(q(c) for c in command),
         "done_step": str(int(done_step)),
+        "exit_requeue": str(EXIT_REQUEUE),
     }
     return render_template("train.sbatch", values)
 

@@ -90,7 +90,9 @@ def load_rng(ckpt_dir: Path, rank: int) -> bool:
     state = torch.load(path, weights_only=True)  # tensors, ints and lists only: nothing is unpickled
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -111,17 +113,38 @@ def prepare_tmp(root: Path, tag: str) -> str:
     return tmp
 
 
-def commit(root: Path, tag: str, client: dict) -> Path:
-    """Rank 0, after every rank wrote into `.tmp-<tag>`: client.json, integrity.json, rename, `latest`."""
+def _files(ckpt_dir: Path) -> list[str]:
+    return sorted(p.relative_to(ckpt_dir).as_posix() for p in ckpt_dir.rglob("*") if p.is_file())
+
+
+def hash_share(
+    ckpt_dir: Path, rank: int = 0, world: int = 1, exclude: tuple[str, ...] = ()
+) -> dict[str, dict]:
+    """fsync and hash this rank's share of the folder's files (every world-th file, sorted by path): the
+    ranks of a job hash a large checkpoint in parallel, each reading 1/world of it."""
+    out = {}
+    for rel in _files(ckpt_dir)[rank::world]:
+        if rel in exclude:
+            continue
+        path = ckpt_dir / rel
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        out[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return out
+
+
+def commit(root: Path, tag: str, client: dict, hashes: dict[str, dict] | None = None) -> Path:
+    """Rank 0, after every rank wrote into `.tmp-<tag>`: client.json, integrity.json, rename, `latest`.
+
+    `hashes`: the data files' records from hash_share on every rank, merged (None: hash them here)."""
     tmp_dir = root / (TMP_PREFIX + tag)
     client = {"format": FORMAT, "tag": tag, **client}
     (tmp_dir / "client.json").write_text(json.dumps(client, indent=1, sort_keys=True) + "\n")
-    files = {}
-    for p in sorted(tmp_dir.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-            files[p.relative_to(tmp_dir).as_posix()] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    files = dict(hashes) if hashes is not None else hash_share(tmp_dir, exclude=("client.json",))
+    files.update(hash_share(tmp_dir, exclude=tuple(r for r in _files(tmp_dir) if r != "client.json")))
+    missing = set(_files(tmp_dir)) - set(files)
+    if missing:
+        raise RuntimeError(f"{tmp_dir}: files not hashed: {sorted(missing)}")
     _write_atomic(tmp_dir / "integrity.json", json.dumps({"format": FORMAT, "files": files}, indent=1) + "\n")
     _fsync_dir(tmp_dir)
     final = root / tag
@@ -141,12 +164,15 @@ def committed(root: Path) -> list[str]:
     """Committed checkpoint tags, newest first (by step)."""
     if not root.is_dir():
         return []
-    tags = [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    tags = [
+        p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()
+    ]
     return sorted(tags, key=step_of, reverse=True)
 
 
-def verify(ckpt_dir: Path) -> str | None:
-    """None when every file matches integrity.json; else what is wrong, in a few words."""
+def verify(ckpt_dir: Path, rank: int = 0, world: int = 1) -> str | None:
+    """None when every file matches integrity.json; else what is wrong, in a few words. With rank/world,
+    only that rank's share of the files is hashed (the ranks of a job verify in parallel)."""
     record = ckpt_dir / "integrity.json"
     if not record.exists():
         return "no integrity.json (torn: the write never finished)"
@@ -154,7 +180,8 @@ def verify(ckpt_dir: Path) -> str | None:
         files = json.loads(record.read_text())["files"]
     except (ValueError, KeyError) as e:
         return f"integrity.json unreadable ({e})"
-    for rel, meta in files.items():
+    for rel in sorted(files)[rank::world]:
+        meta = files[rel]
         path = ckpt_dir / rel
         if not path.exists():
             return f"{rel} is missing"
@@ -200,22 +227,29 @@ class ResumePoint:
 
 
 def find_resume(
-    root: Path, recipe_hash: str, root_hash: str, mode: str, verify_files: bool = True, log=None
+    root: Path, recipe_hash: str, root_hash: str, mode: str, verify_files: bool = True, log=None, check=verify
 ) -> ResumePoint | None:
     """The newest valid checkpoint to resume from, or None to start fresh.
 
     mode: auto (resume when there is one), never (start fresh; refused when checkpoints exist, so that
     a fresh run never mixes with an old one's), force (resume even from a different recipe or data).
-    A torn or corrupted checkpoint is reported and skipped for the previous one.
+    A torn or corrupted checkpoint is reported and skipped for the previous one. `check(folder)` says
+    what is wrong with a checkpoint (train.loop passes one that verifies in parallel on every rank).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     tags = committed(root)
     if mode == "never":
         if tags:
-            raise UserError(f"{root}: has checkpoints ({tags[0]} ...) and --resume never: use another --run-dir")
+            raise UserError(
+                f"{root}: has checkpoints ({tags[0]} ...) and --resume never: use another --run-dir"
+            )
         return None
     for tag in tags:
-        problem = verify(root / tag) if verify_files else (None if (root / tag / "client.json").exists() else "no client.json")
+        problem = (
+            check(root / tag)
+            if verify_files
+            else (None if (root / tag / "client.json").exists() else "no client.json")
+        )
         if problem:
             log(f"checkpoint {root / tag}: {problem}; skipping it for an older one")
             continue

@@ -24,12 +24,16 @@ REPO = Path(__file__).resolve().parent.parent
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML (recipes/*.yaml)")
-    p.add_argument("overrides", nargs="*", help="recipe overrides key=value, e.g. phases.pretrain.tokens=2M seed=1")
+    p.add_argument(
+        "overrides", nargs="*", help="recipe overrides key=value, e.g. phases.pretrain.tokens=2M seed=1"
+    )
     p.add_argument("--run-dir", help="run directory (default: runs/<recipe name>)")
     p.add_argument("--resume", choices=("auto", "never", "force"), default="auto",
                    help="auto: from the newest valid checkpoint if any; never: fresh (refused if checkpoints exist); "
                    "force: even from a different recipe or data manifest")  # fmt: skip
-    p.add_argument("--stop-at-step", type=int, help="checkpoint after this many steps and exit 75 (resumable)")
+    p.add_argument(
+        "--stop-at-step", type=int, help="checkpoint after this many steps and exit 75 (resumable)"
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -110,7 +114,11 @@ def launch(cmd: list[str], env: dict, run_dir: Path) -> int:
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
         with open(log_path, "ab") as log:
-            while chunk := child.stdout.read1(65536) if hasattr(child.stdout, "read1") else child.stdout.read(4096):
+            while (
+                chunk := child.stdout.read1(65536)
+                if hasattr(child.stdout, "read1")
+                else child.stdout.read(4096)
+            ):
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
                 log.write(chunk)

@@ -40,7 +40,9 @@ from train.recipe import (
 )
 
 IGNORE = -100
-FAULT_ENV = "COMMUNS_FAULT_KILL_IN_CHECKPOINT"  # tests: SIGKILL rank 0 in the middle of this step's checkpoint
+FAULT_ENV = (
+    "COMMUNS_FAULT_KILL_IN_CHECKPOINT"  # tests: SIGKILL rank 0 in the middle of this step's checkpoint
+)
 
 
 class TrainingAborted(RuntimeError):
@@ -53,12 +55,18 @@ class TrainingAborted(RuntimeError):
 
 def init_distributed(timeout_minutes: float) -> tuple[int, int, torch.device]:
     """torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU), with the recipe's collective timeout."""
+    import importlib
+
     import deepspeed
-    import deepspeed.comm.torch as ds_comm_torch
+
+    # (`import deepspeed.comm.torch as m` would bind the `torch` attribute of deepspeed.comm: torch itself)
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
 
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
-            raise UserError(f"{var} is not set: run under torchrun (communs train does) or set RANK/WORLD_SIZE/...")
+            raise UserError(
+                f"{var} is not set: run under torchrun (communs train does) or set RANK/WORLD_SIZE/..."
+            )
     if not torch.cuda.is_available():
         # DeepSpeed JIT-compiles a shared-memory all-reduce op on the first CPU init (~40 s, a C++ compiler
         # needed). gloo is enough for CPU runs: skip the op.
@@ -124,17 +132,28 @@ def make_batch(windows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], device:
     positions = torch.from_numpy(np.stack([np.asarray(w[1], dtype=np.int64) for w in windows]))  # (B, T)
     scored = torch.from_numpy(np.stack([np.asarray(w[2], dtype=bool) for w in windows]))  # (B, T)
     targets = torch.where(scored, tokens[:, 1:], torch.full_like(tokens[:, 1:], IGNORE))
-    return MicroBatch(
-        tokens[:, :-1].to(device), positions.to(device), targets.to(device), int(scored.sum())
-    )
+    return MicroBatch(tokens[:, :-1].to(device), positions.to(device), targets.to(device), int(scored.sum()))
 
 
-def rank_micro_batches(slots: list[mixture.Slot], readers: dict, rank: int, world: int, mbs: int, device) -> list[MicroBatch]:
+def rank_micro_batches(
+    slots: list[mixture.Slot], readers: dict, rank: int, world: int, mbs: int, device
+) -> list[MicroBatch]:
+    """This rank's part of the step's slots (the r-th contiguous share), as micro-batches of `mbs` windows."""
     per_rank = len(slots) // world
     mine = slots[rank * per_rank : (rank + 1) * per_rank]
-    return [
-        make_batch([readers[s.source][s.window] for s in mine[i : i + mbs]], device) for i in range(0, per_rank, mbs)
-    ]
+    out = []
+    for i in range(0, per_rank, mbs):
+        chunk = mine[i : i + mbs]
+        rows: list = [None] * len(chunk)
+        by_source: dict[str, list[int]] = {}
+        for j, slot in enumerate(chunk):
+            by_source.setdefault(slot.source, []).append(j)
+        for src, js in by_source.items():  # one vectorised gather per source
+            tokens, positions, scored = readers[src].batch([chunk[j].window for j in js])
+            for k, j in enumerate(js):
+                rows[j] = (tokens[k], positions[k], scored[k])
+        out.append(make_batch(rows, device))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -184,7 +203,11 @@ def train_step(engine, micro_batches: list[MicroBatch], lr: float, zero_stage: i
         grad_norm = None
         if last and zero_stage == 0:
             grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([g.double().norm() for g in grads]))) if grads else 0.0
+            grad_norm = (
+                float(torch.linalg.vector_norm(torch.stack([g.double().norm() for g in grads])))
+                if grads
+                else 0.0
+            )
             if not math.isfinite(grad_norm):
                 for p in engine.module.parameters():
                     p.grad = None
@@ -310,7 +333,9 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, world: int) -> None:
     os.replace(tmp, run_dir / "recipe.yaml")
     (run_dir / "deepspeed").mkdir(exist_ok=True)
     for plan in plan_phases(recipe, world):
-        telemetry.write_json(run_dir / "deepspeed" / f"{plan.name}.json", deepspeed_config(recipe, plan.index, world))
+        telemetry.write_json(
+            run_dir / "deepspeed" / f"{plan.name}.json", deepspeed_config(recipe, plan.index, world)
+        )
     telemetry.write_json(run_dir / "env.json", telemetry.environment(world))
 
 
@@ -325,19 +350,23 @@ def run(recipe: Recipe, run_dir: str | Path, resume: str = "auto", stop_at_step:
     rhash = recipe_hash(recipe)
     ckpt_root = run_dir / "checkpoints"
 
-    # The resume decision is rank 0's (it verifies the files once) and everyone follows it.
-    decision: list = [None]
+    # Every rank takes the same resume decision; each hashes 1/world of a candidate checkpoint's files.
+    def check_in_parallel(ckpt_dir: Path) -> str | None:
+        problems: list = [None] * world
+        dist.all_gather_object(problems, checkpoint.verify(ckpt_dir, rank, world))
+        return next((p for p in problems if p), None)
+
+    point = checkpoint.find_resume(
+        ckpt_root,
+        rhash,
+        root_hash,
+        resume,
+        check=check_in_parallel,
+        log=None if rank == 0 else (lambda msg: None),
+    )
     if rank == 0:
-        try:
-            decision[0] = checkpoint.find_resume(ckpt_root, rhash, root_hash, resume)
-        except UserError as e:
-            decision[0] = e
-        if not isinstance(decision[0], Exception):
-            prepare_run_dir(recipe, run_dir, world)
-    dist.broadcast_object_list(decision, src=0)
-    point = decision[0]
-    if isinstance(point, Exception):
-        raise point
+        prepare_run_dir(recipe, run_dir, world)
+    dist.barrier()
 
     state = State()
     if point is not None:
@@ -353,7 +382,9 @@ def run(recipe: Recipe, run_dir: str | Path, resume: str = "auto", stop_at_step:
             skipped_total=c.get("skipped_total", 0), recent_losses=list(c.get("recent_losses", [])),
         )  # fmt: skip
         if c.get("phase_end"):
-            state = dataclasses.replace(state, phase_index=state.phase_index + 1, step_in_phase=0, data_position={})
+            state = dataclasses.replace(
+                state, phase_index=state.phase_index + 1, step_in_phase=0, data_position={}
+            )
 
     tel = telemetry.Telemetry(run_dir, rank, plans[-1].end_step, recipe, resumed_step=state.step)
     if rank == 0:
@@ -385,10 +416,14 @@ def run(recipe: Recipe, run_dir: str | Path, resume: str = "auto", stop_at_step:
     if rank == 0:
         if code == EXIT_OK:
             summary = telemetry.summarize(run_dir / "metrics.jsonl", [p.name for p in plans])
-            summary.update(recipe=recipe.name, steps=plans[-1].end_step, peak_flops=peak.item(), peak_source=peak_src)
+            summary.update(
+                recipe=recipe.name, steps=plans[-1].end_step, peak_flops=peak.item(), peak_source=peak_src
+            )
             telemetry.write_json(run_dir / "summary.json", summary)
             print_summary(summary)
-        telemetry.update_run_json(run_dir, status="finished" if code == EXIT_OK else "preempted", step=state.step)
+        telemetry.update_run_json(
+            run_dir, status="finished" if code == EXIT_OK else "preempted", step=state.step
+        )
     dist.barrier()
     return code
 
@@ -407,10 +442,13 @@ def _train(recipe, run_dir, plans, manifest, root_hash, rhash, state, point, ran
         engine.save_checkpoint(str(ckpt_root), tag=tmp[0], save_latest=False)
         checkpoint.save_rng(ckpt_root / tmp[0], rank)
         torch.distributed.barrier()
+        shares: list = [None] * world
+        torch.distributed.all_gather_object(shares, checkpoint.hash_share(ckpt_root / tmp[0], rank, world))
         if rank == 0:
             if os.environ.get(FAULT_ENV) == str(state.step):
                 os.kill(os.getpid(), signal.SIGKILL)  # fault injection (tests): die mid-commit
-            checkpoint.commit(ckpt_root, tag, {
+            hashes = {rel: meta for share in shares for rel, meta in share.items()}
+            checkpoint.commit(ckpt_root, tag, hashes=hashes, client={
                 "step": state.step, "phase": plan.name, "phase_index": plan.index,
                 "step_in_phase": state.step_in_phase, "phase_end": phase_end, "tokens": state.tokens,
                 "data_position": state.data_position, "recipe_hash": rhash, "manifest_root_hash": root_hash,
@@ -425,13 +463,19 @@ def _train(recipe, run_dir, plans, manifest, root_hash, rhash, state, point, ran
     for plan in plans[state.phase_index :]:
         ph = plan.phase
         engine = build_engine(recipe, plan, world)
-        if point is not None and not point.client.get("phase_end") and point.client["phase_index"] == plan.index:
+        if (
+            point is not None
+            and not point.client.get("phase_end")
+            and point.client["phase_index"] == plan.index
+        ):
             engine.load_checkpoint(str(ckpt_root), tag=point.tag, load_lr_scheduler_states=False)
             checkpoint.load_rng(ckpt_root / point.tag, rank)
         elif plan.index > 0:
             prev_tag = checkpoint.tag_for(plans[plan.index - 1].end_step)
             if not (ckpt_root / prev_tag).is_dir():
-                raise TrainingAborted(f"{ckpt_root / prev_tag}: the previous phase's end checkpoint is missing")
+                raise TrainingAborted(
+                    f"{ckpt_root / prev_tag}: the previous phase's end checkpoint is missing"
+                )
             engine.load_checkpoint(str(ckpt_root), tag=prev_tag, load_lr_scheduler_states=False)
             checkpoint.load_rng(ckpt_root / prev_tag, rank)
             if ph.optimizer == "reset":
@@ -442,9 +486,13 @@ def _train(recipe, run_dir, plans, manifest, root_hash, rhash, state, point, ran
         train_readers = open_readers(manifest, recipe.data.manifest, ph.mixture, "train", ph.seq_len)
         missing = sorted(set(ph.mixture) - set(train_readers))
         if missing:
-            raise UserError(f"{recipe.data.manifest}: phase {plan.name}: no train windows for {', '.join(missing)}")
+            raise UserError(
+                f"{recipe.data.manifest}: phase {plan.name}: no train windows for {', '.join(missing)}"
+            )
         val_readers = (
-            open_readers(manifest, recipe.data.manifest, ph.mixture, "val", ph.seq_len) if recipe.logging.val_tokens else {}
+            open_readers(manifest, recipe.data.manifest, ph.mixture, "val", ph.seq_len)
+            if recipe.logging.val_tokens
+            else {}
         )
         n_windows = {src: len(r) for src, r in train_readers.items()}
         flops_per_token = _flops_per_token(plan)
@@ -482,7 +530,9 @@ def _train(recipe, run_dir, plans, manifest, root_hash, rhash, state, point, ran
                     )
             else:
                 state.bad_in_a_row = 0
-                if len(recent) >= window and result.loss > recipe.stability.spike_factor * (sum(recent) / len(recent)):
+                if len(recent) >= window and result.loss > recipe.stability.spike_factor * (
+                    sum(recent) / len(recent)
+                ):
                     tel.log({"kind": "spike", "phase": plan.name, "step": state.step, "loss": result.loss,
                              "recent_mean": sum(recent) / len(recent)})  # fmt: skip
                     tel.message(f"step {state.step} ({plan.name}): loss spike {result.loss:.4f} "
@@ -490,8 +540,15 @@ def _train(recipe, run_dir, plans, manifest, root_hash, rhash, state, point, ran
                 recent.append(result.loss)
 
             last_of_phase = state.step_in_phase == plan.steps
-            if state.step_in_phase == 1 or last_of_phase or abort or state.step % recipe.logging.interval == 0:
-                tps = tokens_since_log / step_seconds if step_seconds > 0 else 0.0  # checkpoints, val excluded
+            if (
+                state.step_in_phase == 1
+                or last_of_phase
+                or abort
+                or state.step % recipe.logging.interval == 0
+            ):
+                tps = (
+                    tokens_since_log / step_seconds if step_seconds > 0 else 0.0
+                )  # checkpoints, val excluded
                 record = {
                     "kind": "train", "phase": plan.name, "step": state.step, "step_in_phase": state.step_in_phase,
                     "tokens": state.tokens, "phase_tokens": state.step_in_phase * ph.batch_tokens,
@@ -506,7 +563,12 @@ def _train(recipe, run_dir, plans, manifest, root_hash, rhash, state, point, ran
             if abort:
                 raise abort
 
-            if val_readers and recipe.logging.val_interval and state.step % recipe.logging.val_interval == 0 and not last_of_phase:
+            if (
+                val_readers
+                and recipe.logging.val_interval
+                and state.step % recipe.logging.val_interval == 0
+                and not last_of_phase
+            ):
                 _validate(engine, val_readers, plan, state, tel, device, recipe)
 
             state.recent_losses = list(recent)
@@ -518,7 +580,9 @@ def _train(recipe, run_dir, plans, manifest, root_hash, rhash, state, point, ran
                 tag = save(plan, phase_end=False)
                 tel.message(f"checkpoint {tag} committed")
             if stopping:
-                tel.message(f"stopping at step {state.step} (signal or --stop-at-step): exit {EXIT_REQUEUE} to requeue")
+                tel.message(
+                    f"stopping at step {state.step} (signal or --stop-at-step): exit {EXIT_REQUEUE} to requeue"
+                )
                 return EXIT_REQUEUE
 
         # phase end: validation, the phase-end checkpoint, the exported weights
@@ -549,9 +613,18 @@ def _flops_per_token(plan: PhasePlan) -> float:
 
 
 def _validate(engine, val_readers, plan, state, tel, device, recipe) -> None:
-    losses = evaluate(engine, val_readers, plan.phase.seq_len, plan.phase.micro_batch_size, recipe.logging.val_tokens, device)
+    losses = evaluate(
+        engine,
+        val_readers,
+        plan.phase.seq_len,
+        plan.phase.micro_batch_size,
+        recipe.logging.val_tokens,
+        device,
+    )
     tel.log({"kind": "val", "phase": plan.name, "step": state.step, "losses": losses, "time": time.time()})
-    tel.message(f"val step {state.step} ({plan.name}): " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+    tel.message(
+        f"val step {state.step} ({plan.name}): " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+    )
 
 
 def export_phase(recipe: Recipe, plan: PhasePlan, ckpt_root: Path, tag: str, run_dir: Path, tel) -> Path:
@@ -570,7 +643,9 @@ def export_phase(recipe: Recipe, plan: PhasePlan, ckpt_root: Path, tag: str, run
 def consolidated_state_dict(ckpt_root: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a checkpoint: ZeRO's fp32 partitions merged (stages 1-3), or the module (0)."""
     if zero_stage == 0:
-        sd = torch.load(ckpt_root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        sd = torch.load(
+            ckpt_root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+        )["module"]
         return {k: v.float() for k, v in sd.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

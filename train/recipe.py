@@ -572,7 +572,9 @@ def to_yaml(recipe: Recipe) -> str:
 # Checks that need the files: tokenizer, manifest, data budgets, world size
 
 
-def validate_inputs(recipe: Recipe, world_size: int, path: str = "recipe", check_files: bool = True) -> dict | None:
+def validate_inputs(
+    recipe: Recipe, world_size: int, path: str = "recipe", check_files: bool = True
+) -> dict | None:
     """Check the recipe against the world size and (unless check_files=False) the tokenizer and the data
     manifest: vocab sizes, mixture sources, token budgets vs data available. Returns the loaded manifest
     (None without file checks). Raises RecipeError naming the file and key."""
@@ -627,12 +629,17 @@ def validate_inputs(recipe: Recipe, world_size: int, path: str = "recipe", check
                     f"not {p.phase.kind!r}",
                 )
             if p.phase.kind == "sft" and sources[src].get("kind") != "chat":
-                raise err(key, f"an sft phase trains on chat sources only; {src!r} is {sources[src].get('kind')!r}")
+                raise err(
+                    key, f"an sft phase trains on chat sources only; {src!r} is {sources[src].get('kind')!r}"
+                )
         needed = windows_needed(p)
         for src, n in needed.items():
             have = available_windows(manifest, recipe.data.manifest, src, "train", p.phase.seq_len)
             if have == 0:
-                raise err(f"phases[{p.index}].mixture.{src}", f"source {src!r} has no train windows of {p.phase.seq_len + 1} tokens")
+                raise err(
+                    f"phases[{p.index}].mixture.{src}",
+                    f"source {src!r} has no train windows of {p.phase.seq_len + 1} tokens",
+                )
             if n > have and not p.phase.allow_repeat:
                 raise err(
                     f"phases[{p.index}].tokens",
@@ -647,7 +654,9 @@ def load_manifest_checked(recipe: Recipe, path: str = "recipe") -> dict:
 
     m_path = Path(recipe.data.manifest)
     if not m_path.is_file():
-        raise RecipeError(f"{path}: data.manifest: {m_path}: file not found (run `communs data prepare` first)")
+        raise RecipeError(
+            f"{path}: data.manifest: {m_path}: file not found (run `communs data prepare` first)"
+        )
     try:
         return load_manifest(m_path)
     except UserError as e:
@@ -662,7 +671,9 @@ def windows_needed(plan: PhasePlan) -> dict[str, int]:
     return {src: math.ceil(share * slots) for src, share in plan.weights}
 
 
-def available_windows(manifest: dict, manifest_path: str | Path, source: str, split: str, seq_len: int) -> int:
+def available_windows(
+    manifest: dict, manifest_path: str | Path, source: str, split: str, seq_len: int
+) -> int:
     """Windows of seq_len + 1 tokens a PackedReader cuts from a source's split (0 when the split is absent)."""
     from corpus.loader import PackedReader
     from corpus.manifest import shard_prefixes

@@ -23,7 +23,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 # Dense bf16 peak FLOP/s per GPU (datasheets, no sparsity). MFU on GPU is measured against these.
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+GPU_PEAK_BF16 = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+}
 
 
 def git_state() -> dict:
@@ -85,14 +92,18 @@ def update_run_json(run_dir: Path, **fields: Any) -> dict:
 # Peak FLOP/s and memory
 
 
-def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.5) -> float:
+def measured_matmul_flops(
+    device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 1.0
+) -> float:
     """Best FLOP/s of a square matmul on this device and thread count (the CPU's MFU denominator)."""
     n = 1024 if device.type == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype, generator=None)
+    a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):  # warm-up: allocation, thread pool
+        a @ b
     best = 0.0
     start = time.perf_counter()
-    for _ in range(50):
+    for _ in range(200):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -154,7 +165,11 @@ class Telemetry:
         self.metrics.flush()
         if self.wandb is not None:
             try:
-                flat = {f"{record.get('kind', 'train')}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
+                flat = {
+                    f"{record.get('kind', 'train')}/{k}": v
+                    for k, v in record.items()
+                    if isinstance(v, (int, float))
+                }
                 self.wandb.log(flat, step=record.get("step"))
             except Exception as e:  # wandb must never stop training
                 self.message(f"wandb: log failed ({e}); continuing without it")
@@ -210,7 +225,9 @@ def _start_wandb(run_dir: Path, recipe: Any) -> Any:
             settings=wandb.Settings(init_timeout=60, silent=True),
         )
     except Exception as e:
-        print(f"wandb: could not start ({' '.join(str(e).split())[:200]}); metrics.jsonl only", file=sys.stderr)
+        print(
+            f"wandb: could not start ({' '.join(str(e).split())[:200]}); metrics.jsonl only", file=sys.stderr
+        )
         return None
 
 

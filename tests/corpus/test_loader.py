@@ -38,7 +38,7 @@ def _reference(docs, seq_len: int, i: int):
 @pytest.mark.parametrize("seq_len", [1, 7, 64])
 def test_windows_equal_the_reference_across_shards(tmp_path, with_mask, seq_len):
     rng = np.random.default_rng(seq_len + with_mask)
-    parts = [_docs(rng, n, with_mask) for n in (30, 1, 17)]
+    parts = [_docs(rng, n, with_mask) for n in (30, 0, 1, 17)]  # an empty shard too
     prefixes = []
     for k, docs in enumerate(parts):
         write_shard(tmp_path / f"{k:05d}", docs)

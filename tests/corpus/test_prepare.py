@@ -143,14 +143,20 @@ def test_optout_rebuild_diff_exposure_and_seen(corpus_dir, small_tokenizer, tmp_
     assert report[0]["checkpoints"] == ["step-00000010"]
 
 
-def test_verify_and_tampering(corpus_dir, small_tokenizer, tmp_path):
+def test_verify_and_tampering(corpus_dir, small_tokenizer, tmp_path, capsys):
     out = tmp_path / "data"
     m = prepare(corpus_dir, out, tokenizer=small_tokenizer, workers=1)
+    assert communs.main(["data", "verify", str(out)]) == 0
+    assert communs.main(["data", "seen", "rd0730", "--manifest", str(out)]) == 0
+    assert "seen (id): rd0730#0000\tnovels\tkept" in capsys.readouterr().out
+    assert communs.main(["data", "seen", "jamais vu", "--manifest", str(out)]) == 1
     tokens = Path(f"{shard_prefixes(m, out, 'qa', 'train')[0]}.tokens")
     data = bytearray(tokens.read_bytes())
     data[8] ^= 1
     tokens.write_bytes(bytes(data))
     assert verify_data_dir(out) == [f"{tokens}: sha256 differs from {tokens.with_suffix('.json')}"]
+    assert communs.main(["data", "verify", str(out)]) == 2
+    assert "1 file(s) do not match the manifest" in capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["sources"]["qa"]["licence"] = "CC0-1.0"
     (out / "manifest.json").write_text(json.dumps(manifest))

@@ -155,3 +155,33 @@ def test_chat_records_and_missing_messages(tmp_path):
     result = curate(load_sources(_sources(tmp_path, body)))
     assert [d.messages for d in result.docs["docs"]] == [rows[0]["messages"]]
     assert [r["rule"] for r in result.provenance] == [None, "read.missing_field"]
+
+
+def test_json_arrow_and_hf_dataset_sources(tmp_path):
+    import datasets
+
+    texts = [_paragraph(k) for k in range(4)]
+    (tmp_path / "arr.json").write_text(
+        json.dumps([{"key": "j1", "text": texts[0]}, {"key": "j2", "text": texts[1]}])
+    )
+    ds = datasets.Dataset.from_dict({"key": ["a1"], "text": [texts[2]]})
+    ds.to_parquet(str(tmp_path / "unused.parquet"))
+    arrow_dir = tmp_path / "saved"
+    ds.save_to_disk(str(arrow_dir))
+    arrow_file = next(arrow_dir.glob("*.arrow"))
+    (tmp_path / "hub").mkdir()
+    (tmp_path / "hub" / "train.jsonl").write_text(json.dumps({"key": "h1", "text": texts[3]}) + "\n")
+    body = "sources:\n"
+    for sid, origin in (
+        ("js", "format: json\n    paths: [arr.json]"),
+        ("ar", f"format: arrow\n    paths: [{arrow_file.relative_to(tmp_path)}]"),
+        ("hf", f"hf_dataset: {{name: {tmp_path / 'hub'}}}"),
+    ):
+        body += (
+            f"  - id: {sid}\n    {origin}\n    id_field: key\n    licence: CC-BY-4.0\n    language: fr\n"
+            "    domain: web\n    url: https://example.org\n    stages: {quality: false, langid: false}\n"
+        )
+    result = curate(load_sources(_sources(tmp_path, body)))
+    assert [d.id for d in result.docs["js"]] == ["js:j1", "js:j2"]
+    assert [d.id for d in result.docs["ar"]] == ["ar:a1"]
+    assert [(d.id, d.text) for d in result.docs["hf"]] == [("hf:h1", normalise_text(texts[3]))]

@@ -144,3 +144,18 @@ def test_config_from_dict_round_trip_and_unknown_field():
     assert config_from_dict(dataclasses.asdict(cfg)) == cfg
     with pytest.raises(ValueError, match="ModelConfig: unknown field.*n_head\\b"):
         config_from_dict(dict(dataclasses.asdict(cfg), n_head=3))
+
+
+def test_config_merges_as_an_omegaconf_structured_schema():
+    """The train package merges recipe overrides into ModelConfig through omegaconf: nested RopeScaling
+    included, and the invariants still run on the result."""
+    from omegaconf import OmegaConf
+
+    schema = OmegaConf.structured(SIZES["tiny"])
+    merged = OmegaConf.merge(
+        schema, {"dim": 128, "rope_scaling": {"type": "linear", "factor": 2.0, "original_max_seq_len": 256}}
+    )
+    cfg = OmegaConf.to_object(merged)
+    assert cfg == dataclasses.replace(SIZES["tiny"], dim=128, rope_scaling=RopeScaling("linear", 2.0, 256))
+    with pytest.raises(ValueError, match="ModelConfig.n_heads=4: must divide dim=66"):
+        OmegaConf.to_object(OmegaConf.merge(schema, {"dim": 66}))

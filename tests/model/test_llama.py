@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from model import ops
 from model.llama import (
     IGNORE_INDEX,
     SIZES,
@@ -221,6 +222,8 @@ def test_compiled_blocks_match_eager(monkeypatch):
     monkeypatch.setattr(
         torch.nn.Module, "compile", lambda self, **kw: real_compile(self, backend="aot_eager")
     )
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: torch._dynamo.optimize("aot_eager")(fn))
+    ops._compiled_cross_entropy_chunk.cache_clear()
     torch._dynamo.reset()
     fast, ref = make_pair(compile=True)
     ids, pos, targets = packed_batch()
@@ -229,3 +232,4 @@ def test_compiled_blocks_match_eager(monkeypatch):
         loss.backward()
         torch.testing.assert_close(loss, ref(ids, p, targets).loss, rtol=1e-5, atol=1e-5)
     assert set(fast.state_dict()) == set(ref.state_dict())
+    ops._compiled_cross_entropy_chunk.cache_clear()

@@ -110,10 +110,31 @@ def fake_plan(run_dir: Path, chain: str, phases: list[tuple[str, int]], sleep: f
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
-    """The embedded demo corpus prepared once per session (`communs data prepare`)."""
+    """The embedded demo corpus prepared once per session: through `communs slurm prepare-data` when a
+    cluster answers (so that the data-preparation job is tested for real at no extra cost), else by
+    `communs data prepare` here."""
     out = tmp_path_factory.mktemp("slurm-demo-data")
-    rc = communs.main(["data", "prepare", str(ROOT / "data" / "demo" / "sources.yaml"), "--out", str(out)])
-    assert rc == 0
+    sources = str(ROOT / "data" / "demo" / "sources.yaml")
+    if cluster_problem() is None:
+        argv = [
+            "slurm",
+            "prepare-data",
+            sources,
+            "--profile",
+            "local-cpu",
+            "--out",
+            str(out),
+            "--allow-dirty",
+        ]
+        assert communs.main(argv) == 0
+        job = json.loads((out / "slurm" / "prepare.json").read_text())["job_id"]
+        st = wait_final(job, 300)
+        logs = "".join(p.read_text()[-2000:] for p in (out / "slurm").glob("*.out"))
+        assert st["JobState"] == "COMPLETED", logs
+        assert f"communs slurm: job {job} preparing {sources} into {out}" in logs
+    else:
+        assert communs.main(["data", "prepare", sources, "--out", str(out)]) == 0
+    assert (out / "manifest.json").is_file()
     return out
 
 

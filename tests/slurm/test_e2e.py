@@ -49,7 +49,7 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def runs(demo_data, tmp_path_factory) -> dict[str, Path]:
+def runs(slurm_cluster, demo_data, tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("slurm-e2e")
     recipe = tiny_recipe(demo_data, tmp / "tiny.yaml")
     profile = one_rank_per_node_profile(tmp / "local-cpu-1.yaml")

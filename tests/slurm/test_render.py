@@ -65,6 +65,7 @@ def test_directives_jean_zay(tmp_path):
     assert (
         "--nproc_per_node=4" in text
         and "--rdzv_backend=c10d" in text
+        and "--cpus-per-task=96 --wait=600" in text
         and not any(l.lstrip().startswith("ssh") for l in text.splitlines())
     )
     assert "{{" not in text
@@ -332,8 +333,8 @@ def test_prepare_data_script(tmp_path):
             "#SBATCH --cpus-per-task=96", "#SBATCH --time=01:00:00", "#SBATCH --no-requeue"} <= set(lines)  # fmt: skip
     assert "--gres" not in text and "--constraint" not in text
     assert (
-        f"exec python -m communs data prepare /d/sources.yaml --out {tmp_path / 'data'} --vocab-size 8192"
-        in lines
+        f"exec python -m communs data prepare /d/sources.yaml --out {tmp_path / 'data'} "
+        '--workers "$SLURM_CPUS_PER_TASK" --no-progress --vocab-size 8192' in lines
     )
     subprocess.run(["bash", "-n"], input=text, text=True, check=True)
 

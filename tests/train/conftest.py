@@ -4,7 +4,6 @@ and a data manifest with the fields docs/architecture.md lists. Built once per t
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
@@ -27,7 +26,9 @@ def _texts() -> dict[str, list[str]]:
     novels = sorted((DEMO / "nouvelles19" / "txt").glob("*.txt"))
     return {
         "fr": [p for path in novels[:3] for p in paragraphs(path, 120)],
-        "en": [p for p in (DEMO / "shakespeare" / "tinyshakespeare-excerpt.txt").read_text().split("\n\n") if p][:300],
+        "en": [
+            p for p in (DEMO / "shakespeare" / "tinyshakespeare-excerpt.txt").read_text().split("\n\n") if p
+        ][:300],
     }
 
 
@@ -57,7 +58,11 @@ def build_dataset(out: Path) -> Path:
         ids, mask = tok.encode_chat(conv)
         chat_docs.append((ids + [tok.eos_id], mask + [0]))
     sources = {}
-    for src, kind, items in (("fr", "text", docs["fr"]), ("en", "text", docs["en"]), ("chat", "chat", chat_docs)):
+    for src, kind, items in (
+        ("fr", "text", docs["fr"]),
+        ("en", "text", docs["en"]),
+        ("chat", "chat", chat_docs),
+    ):
         n_val = max(2, len(items) // 20)
         splits = {}
         for split, part in (("val", items[:n_val]), ("train", items[n_val:])):
@@ -131,7 +136,9 @@ def tiny_recipe(dataset, tmp_path) -> Path:
     """A 2-phase recipe on the test dataset (8 + 6 steps of 4 sequences of 64 tokens)."""
     path = tmp_path / "tiny.yaml"
     path.write_text(
-        TINY_RECIPE.format(vocab=VOCAB, tok=dataset.parent / "tokenizer" / "tokenizer.model", manifest=dataset)
+        TINY_RECIPE.format(
+            vocab=VOCAB, tok=dataset.parent / "tokenizer" / "tokenizer.model", manifest=dataset
+        )
     )
     return path
 

@@ -21,7 +21,12 @@ def fake_checkpoint(root, step, phase_end=False, recipe_hash="r", root_hash="m",
     (tmp / "mp_rank_00_model_states.pt").write_bytes(payload * 100)
     (tmp / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"adam" * 50)
     ck.save_rng(tmp, 0)
-    client = {"step": step, "phase_end": phase_end, "recipe_hash": recipe_hash, "manifest_root_hash": root_hash}
+    client = {
+        "step": step,
+        "phase_end": phase_end,
+        "recipe_hash": recipe_hash,
+        "manifest_root_hash": root_hash,
+    }
     return ck.commit(root, tag, client)
 
 

@@ -36,11 +36,16 @@ def test_two_phases_in_one_process(tiny_recipe, single_rank, tmp_path):
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["grad_norm"] > 0 for r in train.values())
     assert train[1]["lr"] == pytest.approx(1.5e-3) and train[9]["lr"] == pytest.approx(2e-3)
     val = records(run_dir, "val")
-    assert set(val) == {8, 14} and set(val[8]["losses"]) == {"fr", "en"} and set(val[14]["losses"]) == {"chat"}
+    assert (
+        set(val) == {8, 14} and set(val[8]["losses"]) == {"fr", "en"} and set(val[14]["losses"]) == {"chat"}
+    )
 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [p["name"] for p in summary["phases"]] == ["first", "second"]
-    assert summary["phases"][0]["loss_start"] == train[1]["loss"] and summary["phases"][1]["loss_end"] == train[14]["loss"]
+    assert (
+        summary["phases"][0]["loss_start"] == train[1]["loss"]
+        and summary["phases"][1]["loss_end"] == train[14]["loss"]
+    )
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "finished" and run["manifest_root_hash"] and run["world_size"] == 1
     env = json.loads((run_dir / "env.json").read_text())
@@ -69,7 +74,9 @@ def test_two_phases_in_one_process(tiny_recipe, single_rank, tmp_path):
 
 
 @pytest.mark.parametrize("stage", [0, 1])
-def test_non_finite_steps_are_skipped_then_the_run_aborts(tiny_recipe, single_rank, tmp_path, monkeypatch, stage):
+def test_non_finite_steps_are_skipped_then_the_run_aborts(
+    tiny_recipe, single_rank, tmp_path, monkeypatch, stage
+):
     recipe = load_recipe(tiny_recipe, [f"deepspeed.zero_stage={stage}", "stability.max_bad_steps=3"])
     forward = Transformer.forward
     calls = {"n": 0}
@@ -104,7 +111,9 @@ def test_the_command_refuses_a_bad_recipe_before_writing_anything(tiny_recipe, t
 def test_dry_run_writes_the_run_directory(tiny_recipe, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     run_dir = tmp_path / "run"
-    assert communs_main(["train", str(tiny_recipe), "--run-dir", str(run_dir), "--nproc", "2", "--dry-run"]) == 0
+    assert (
+        communs_main(["train", str(tiny_recipe), "--run-dir", str(run_dir), "--nproc", "2", "--dry-run"]) == 0
+    )
     out = capsys.readouterr().out
     assert "phase first" in out and "8 steps" in out
     assert {p.name for p in run_dir.iterdir()} >= {"recipe.yaml", "deepspeed", "env.json", "run.json", "logs"}

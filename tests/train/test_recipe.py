@@ -51,7 +51,10 @@ def test_every_shipped_recipe_loads_and_validates(path):
     plans = plan_phases(r, world)
     for p in plans:
         cfg = deepspeed_config(r, p.index, world)
-        assert cfg["train_batch_size"] == cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * world
+        assert (
+            cfg["train_batch_size"]
+            == cfg["train_micro_batch_size_per_gpu"] * cfg["gradient_accumulation_steps"] * world
+        )
         assert cfg["train_batch_size"] * p.phase.seq_len == p.phase.batch_tokens
     assert load_recipe(path) == r  # loading is deterministic
     assert yaml.safe_load(to_yaml(r))["phases"][0]["name"] == r.phases[0].name
@@ -64,9 +67,13 @@ def test_lucie_recipe_shape():
 
 
 def test_overrides_by_index_and_name_with_counts(tiny_recipe):
-    r = load_recipe(tiny_recipe, ["phases.first.tokens=4K", "phases.1.seq_len=32", "seed=7", "phases.second.lr.peak=1e-3"])
+    r = load_recipe(
+        tiny_recipe, ["phases.first.tokens=4K", "phases.1.seq_len=32", "seed=7", "phases.second.lr.peak=1e-3"]
+    )
     assert (r.phases[0].tokens, r.phases[1].seq_len, r.seed, r.phases[1].lr.peak) == (4000, 32, 7, 1e-3)
-    assert parse_count("2.5M") == 2_500_000 and parse_count("3T") == 3 * 10**12 and parse_count("1e6") == 10**6
+    assert (
+        parse_count("2.5M") == 2_500_000 and parse_count("3T") == 3 * 10**12 and parse_count("1e6") == 10**6
+    )
     assert parse_count("1.5") is None and parse_count("ten") is None
 
 

@@ -22,17 +22,33 @@ pytestmark = pytest.mark.slow
 
 
 def env(**extra) -> dict:
-    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    e = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     e.update(PYTHONPATH=str(ROOT), WANDB_MODE="disabled", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **extra)
     return e
 
 
 def train_cmd(recipe: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "communs.py"), "train", str(recipe), *extra, "--run-dir", str(run_dir), "--nproc", "2"]
+    return [
+        sys.executable,
+        str(ROOT / "communs.py"),
+        "train",
+        str(recipe),
+        *extra,
+        "--run-dir",
+        str(run_dir),
+        "--nproc",
+        "2",
+    ]
 
 
 def run(recipe, run_dir, *extra, **env_extra) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(recipe, run_dir, *extra), env=env(**env_extra), capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        train_cmd(recipe, run_dir, *extra), env=env(**env_extra), capture_output=True, text=True, timeout=240
+    )
 
 
 def losses(run_dir: Path) -> dict[int, str]:
@@ -71,7 +87,7 @@ def test_zero1_kill_during_checkpoint_then_stop_at_phase_boundary(tiny_recipe, t
     assert done.returncode == EXIT_OK, done.stdout[-3000:]
     assert "resuming from step-00000008" in done.stdout
     assert losses(run_dir) == expected  # bit-identical, every step
-    assert json.loads((run_dir / "summary.json").read_text()) ["phases"][1]["loss_end"] == float(expected[14])
+    assert json.loads((run_dir / "summary.json").read_text())["phases"][1]["loss_end"] == float(expected[14])
 
 
 def test_zero3_sigterm_then_resume(tiny_recipe, tmp_path):
