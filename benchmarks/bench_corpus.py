@@ -166,8 +166,10 @@ def bench_loader(
 ):
     prefixes = []
     for k in range(4):  # several shards, as a real source has
-        write_shard(tmp / f"{name}-{k:05d}", arrays[k::4])
-        prefixes.append(tmp / f"{name}-{k:05d}")
+        prefix = tmp / f"{name.replace(' ', '_')}-{k:05d}"
+        if not Path(f"{prefix}.json").exists():
+            write_shard(prefix, arrays[k::4])
+        prefixes.append(prefix)
     reader = PackedReader(prefixes, seq_len)
     gather = PerSampleGather(reader)
     rng = np.random.default_rng(0)
@@ -279,13 +281,18 @@ def main() -> None:
         texts = [d.text for d in docs]
         tok = Tokenizer.load(train_tokenizer(texts, tmp / "tok", 8192, seed=0))
         novels = [np.asarray([1, *ids, 2], dtype=np.uint32) for ids in tok.encode_batch(texts, num_threads=2)]
-        reader = bench_loader("novel chunks", novels, tmp / "loader", args.rounds)
         gsm = [json.loads(line) for line in (ROOT / "data" / "demo" / "gsm8k" / "train-excerpt.jsonl").open()]
         gsm_texts = [f"Question: {r['question']}\nWorked answer:\n{r['answer']}" for r in gsm]
         short = [
             np.asarray([1, *ids, 2], dtype=np.uint32) for ids in tok.encode_batch(gsm_texts, num_threads=2)
         ]
-        bench_loader("GSM8K problems", short, tmp / "loader", args.rounds)
+        readers = {}
+        for batch, seq_len in ((8, 1024), (32, 2048)):
+            readers[seq_len] = bench_loader(
+                "novel chunks", novels, tmp / "loader", args.rounds, seq_len, batch
+            )
+            bench_loader("GSM8K problems", short, tmp / "loader", args.rounds, seq_len, batch)
+        reader = readers[1024]
         bench_step_share(reader, args.rounds)
 
 

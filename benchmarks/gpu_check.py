@@ -70,7 +70,7 @@ def correctness_rows(device: torch.device, dtype: torch.dtype) -> list[dict]:
                     for n, q in fast.named_parameters()
                 )
                 loss_diff = abs(loss.item() - loss_ref.item())
-                tol = 1e-4 if dtype == torch.float32 else 2e-2
+                tol = 1e-4 if dtype == torch.float32 else 5e-2
                 ok = loss_diff <= tol and worst_cos >= (0.9999 if dtype == torch.float32 else 0.99)
                 rows.append(
                     dict(
@@ -98,9 +98,13 @@ def throughput_row(
 ) -> dict:
     cfg = dataclasses.replace(SIZES[size], max_seq_len=seq, compile=compile_)
     torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     while True:
         try:
-            model = Transformer(cfg).to(device=device, dtype=dtype)
+            with torch.device(device):  # initialise on the device (a 1B model's init on CPU takes long)
+                model = Transformer(cfg).to(dtype)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
             ids = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
 
@@ -122,8 +126,6 @@ def throughput_row(
     tokens_s = batch * seq / step_s
     flops = flops_per_token(cfg, seq) * tokens_s
     peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     return dict(
         size=size,
         params=model.num_params(),
@@ -188,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="eager only (no torch.compile runs)")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="start no run after this many seconds")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device(args.device)
@@ -201,10 +204,17 @@ def main(argv: list[str] | None = None) -> int:
         dtype=str(dtype),
         available=ops.available(),
     )
+    started = time.perf_counter()
     checks = correctness_rows(device, dtype)
     runs: list[dict] = []
-    for size in args.sizes.split(","):
-        for compile_ in (False,) if args.no_compile else (False, True):
+    # every size eager first, then compiled: the most important numbers come first if time runs out
+    for compile_ in (False,) if args.no_compile else (False, True):
+        for size in args.sizes.split(","):
+            if time.perf_counter() - started > args.budget_s:
+                runs.append(
+                    dict(size=size, compile=compile_, error=f"skipped: over --budget-s {args.budget_s:.0f}")
+                )
+                continue
             try:
                 runs.append(
                     throughput_row(

@@ -12,8 +12,9 @@ the tail that does not fill a window is not served.
 - loss_mask is on the targets tokens[1:]: 0 where the target is a document's first token (nothing
   before it predicts it) or where the shard's loss mask is 0 (chat data: non-assistant tokens).
 
-Everything is computed with numpy on whole batches of windows (tokens gathered once per shard,
-positions from the document offsets; no loop over documents); `batch(indices)` does a batch. The reader holds no state: order and resume belong to the caller
+Tokens are sliced from the memory-mapped shards (one slice per window); positions and the loss
+mask are computed with numpy for the whole batch from the document offsets (no loop over
+documents); `batch(indices)` does a batch of windows at once. The reader holds no state: order and resume belong to the caller
 (`order(seed, epoch)` gives a seeded permutation of the windows).
 """
 
@@ -80,19 +81,19 @@ class PackedReader:
         starts = idx * T  # (B,) first global token of each window
         pos = starts[:, None] + np.arange(T + 1)  # (B, T+1) global token positions
 
-        # Tokens: one gather per shard for the windows inside it; a window across shards is copied slice by slice.
+        # Tokens: each window is one contiguous slice of a shard (two at a shard boundary): B slice copies.
         shard_of = np.searchsorted(self._bounds, starts, side="right") - 1  # (B,)
-        inside = starts + T + 1 <= self._bounds[shard_of + 1]
+        local = (starts - self._bounds[shard_of]).tolist()
+        inside = (starts + T + 1 <= self._bounds[shard_of + 1]).tolist()
         tokens = np.empty((B, T + 1), dtype=np.int64)
         mask = np.ones((B, T + 1), dtype=bool) if self.has_mask else None
-        for k in np.unique(shard_of[inside]):
-            rows = np.flatnonzero(inside & (shard_of == k))
-            local = pos[rows] - self._bounds[k]
-            tokens[rows] = self._tokens[k][local]
+        for b, (k, lo, whole) in enumerate(zip(shard_of.tolist(), local, inside)):
+            if not whole:
+                self._copy_window(int(starts[b]), tokens[b], None if mask is None else mask[b])
+                continue
+            tokens[b] = self._tokens[k][lo : lo + T + 1]
             if mask is not None and self._masks[k] is not None:
-                mask[rows] = self._masks[k][local]
-        for b in np.flatnonzero(~inside):
-            self._copy_window(int(starts[b]), tokens[b], None if mask is None else mask[b])
+                mask[b] = self._masks[k][lo : lo + T + 1]
 
         # Position inside its document: pos − start of its document. Each window is a run of document
         # segments; their starts are repeated over their lengths (no loop over documents).

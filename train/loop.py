@@ -603,6 +603,11 @@ def _train(recipe, run_dir, plans, manifest, root_hash, rhash, state, point, ran
             if plan.index + 1 < len(plans):
                 tel.message(f"stopping at the end of phase {plan.name}: exit {EXIT_REQUEUE} to requeue")
                 return EXIT_REQUEUE
+    # a run stopped between its last checkpoint and its last export (resumed with nothing left to train)
+    last = plans[-1]
+    if rank == 0 and not (run_dir / "export" / last.name).exists():
+        export_phase(recipe, last, ckpt_root, checkpoint.tag_for(last.end_step), run_dir, tel)
+    torch.distributed.barrier()
     return EXIT_OK
 
 

@@ -575,9 +575,10 @@ def to_yaml(recipe: Recipe) -> str:
 def validate_inputs(
     recipe: Recipe, world_size: int, path: str = "recipe", check_files: bool = True
 ) -> dict | None:
-    """Check the recipe against the world size and (unless check_files=False) the tokenizer and the data
-    manifest: vocab sizes, mixture sources, token budgets vs data available. Returns the loaded manifest
-    (None without file checks). Raises RecipeError naming the file and key."""
+    """Check the recipe against the world size and (unless check_files=False) this machine, the tokenizer
+    and the data manifest: fp16 needs a GPU, vocab sizes, mixture sources and their usage conditions,
+    token budgets vs data available. Returns the loaded manifest (None without file checks). Raises
+    RecipeError naming the file and key."""
     err = _Origin(path, {}).error
     plans = plan_phases(recipe, world_size)
     for p in plans:
@@ -591,7 +592,12 @@ def validate_inputs(
     if not check_files:
         return None
 
+    import torch
+
     from tokenizer import Tokenizer
+
+    if recipe.precision == "fp16" and not torch.cuda.is_available():
+        raise err("precision", "fp16 needs a CUDA GPU (DeepSpeed on CPU trains in fp32 or bf16)")
 
     tok_path = Path(recipe.tokenizer.path)
     if not tok_path.is_file():

@@ -21,6 +21,7 @@ from corpus.seen import seen
 from corpus.shards import Shard
 
 
+@pytest.mark.slow  # two worker processes, end to end
 def test_manifest_fields_shards_and_determinism(corpus_dir, small_tokenizer, tmp_path):
     m1 = prepare(corpus_dir, tmp_path / "a", tokenizer=small_tokenizer, workers=1)
     m2 = prepare(corpus_dir, tmp_path / "deeper" / "b", tokenizer=small_tokenizer, workers=2)
@@ -69,6 +70,7 @@ def test_manifest_fields_shards_and_determinism(corpus_dir, small_tokenizer, tmp
     assert verify_data_dir(tmp_path / "a") == []
 
 
+@pytest.mark.slow  # trains a tokenizer twice, end to end
 def test_tokenizer_is_trained_and_prepare_resumes_after_a_crash(corpus_dir, tmp_path, monkeypatch):
     clean = prepare(corpus_dir, tmp_path / "clean", vocab_size=400, workers=1)
     real_write = prepare_mod.write_shard
@@ -97,7 +99,7 @@ def test_tokenizer_is_trained_and_prepare_resumes_after_a_crash(corpus_dir, tmp_
     assert (out / "manifest.json").read_bytes() == (tmp_path / "clean" / "manifest.json").read_bytes()
 
 
-def test_optout_rebuild_diff_exposure_and_seen(corpus_dir, small_tokenizer, tmp_path):
+def test_optout_rebuild_diff_exposure_and_seen(corpus_dir, small_tokenizer, tmp_path, capsys):
     out = tmp_path / "data"
     old = prepare(corpus_dir, out, tokenizer=small_tokenizer, workers=1)
     old_prov = [json.loads(line) for line in (out / "provenance.jsonl").open()]
@@ -116,7 +118,14 @@ def test_optout_rebuild_diff_exposure_and_seen(corpus_dir, small_tokenizer, tmp_
     assert seen("Un texte que personne n'a jamais écrit.", out) == ("text", [])
 
     add_entry(corpus_dir.parent / "optout.jsonl", "author", "maupassant", "asked by the estate", "2026-01-01")
-    add_entry(corpus_dir.parent / "optout.jsonl", "doc_id", qa_doc["id"], "", "2026-01-01")
+    optout_file = str(corpus_dir.parent / "optout.jsonl")
+    assert (
+        communs.main(["data", "optout", "add", optout_file, "--doc-id", qa_doc["id"], "--date", "2026-01-01"])
+        == 0
+    )
+    assert (
+        communs.main(["data", "optout", "add", optout_file, "--doc-id", qa_doc["id"]]) == 2
+    )  # already listed
     new = prepare(corpus_dir, out, tokenizer=small_tokenizer, workers=1)
     assert new["root_hash"] != old["root_hash"] and new["optout"]["n_entries"] == 2
     archived = out / "history" / old["root_hash"] / "manifest.json"
@@ -125,6 +134,10 @@ def test_optout_rebuild_diff_exposure_and_seen(corpus_dir, small_tokenizer, tmp_
     assert sorted(r["id"] for r in d["removed"]) == sorted(by_maupassant + [qa_doc["id"]])
     assert {r["rule"] for r in d["removed"]} == {"optout.author", "optout.doc_id"}
     assert d["added"] == [] and d["changed"] == []
+    capsys.readouterr()
+    assert communs.main(["data", "diff", str(archived), str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"removed\t{qa_doc['id']}\tqa\toptout.doc_id" in lines and len(lines) == len(d["removed"])
     assert seen(qa_doc["id"], out)[1][0]["rule"] == "optout.doc_id"
 
     # A run trained on the old manifest is exposed, with its checkpoints; one on the new one is not.

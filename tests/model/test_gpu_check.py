@@ -31,5 +31,14 @@ def test_gpu_check_runs_on_cpu(tmp_path):
     assert "| tiny |" in (tmp_path / "gpu_check.md").read_text()
 
 
+def test_gpu_check_budget_skips_runs_and_fails(tmp_path):
+    gpu_check = load_gpu_check()
+    rc = gpu_check.main(
+        ["--out", str(tmp_path), "--device", "cpu", "--sizes", "tiny", "--budget-s", "0", "--no-compile"]
+    )
+    (run,) = json.loads((tmp_path / "gpu_check.json").read_text())["runs"]
+    assert rc == 1 and run["error"].startswith("skipped: over --budget-s 0")
+
+
 def test_gpu_check_sh_is_valid_bash():
     assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")]).returncode == 0

@@ -131,6 +131,16 @@ def test_missing_manifest_and_tokenizer(tiny_recipe, tmp_path):
     assert "tokenizer.path" in msg and "file not found" in msg
 
 
+def test_fp16_needs_a_gpu(tiny_recipe):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert one_line_error(tiny_recipe, ["precision=fp16"]).endswith(
+        "precision: fp16 needs a CUDA GPU (DeepSpeed on CPU trains in fp32 or bf16)"
+    )
+
+
 def test_vocab_mismatch(tiny_recipe):
     msg = one_line_error(tiny_recipe, ["model.overrides.vocab_size=600"])
     assert "model.overrides.vocab_size: model vocab_size 600 != tokenizer vocab_size 512" in msg
