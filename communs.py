@@ -43,4 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the importable module so that `UserError` is the class the packages raise.
+    from communs import main as _main
+
+    sys.exit(_main())

@@ -58,7 +58,17 @@ def split_text(text: str, max_chars: int) -> list[str]:
         size += len(line) + (1 if size else 0)
     if current:
         pieces.append("\n".join(current))
-    return [p for p in pieces if p.strip()] or [text[:max_chars]]
+    pieces = [p for p in pieces if p.strip()] or [text[:max_chars]]
+    # A short tail (the end of a book) would fail the length filters on its own: re-cut the last two
+    # pieces at the line break nearest their middle instead.
+    if len(pieces) >= 2 and len(pieces[-1]) < max_chars // 4:
+        joined = pieces[-2] + "\n" + pieces[-1]
+        middle = len(joined) // 2
+        before, after = joined.rfind("\n", 0, middle), joined.find("\n", middle)
+        cut = min((c for c in (before, after) if c > 0), key=lambda c: abs(c - middle), default=-1)
+        if cut > 0 and max(cut, len(joined) - cut - 1) <= max_chars:
+            pieces[-2:] = [joined[:cut], joined[cut + 1 :]]
+    return pieces
 
 
 def _chunks(doc_id: str, source: Source, text: str, meta: dict) -> Iterator[Doc]:

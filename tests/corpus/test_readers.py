@@ -120,6 +120,8 @@ def test_split_text_rebuilds_on_line_breaks():
     pieces = split_text(NOVEL[:50000], 5000)
     assert all(len(p) <= 5000 for p in pieces)
     assert "\n".join(pieces) == NOVEL[:50000].strip("\n") or "\n".join(pieces) == NOVEL[:50000]
+    tail = split_text(NOVEL[:41000], 10000)  # 4 full pieces and a ~1,000-character tail, rebalanced
+    assert len(tail) == 5 and min(map(len, tail)) > 2500 and "\n".join(tail) == NOVEL[:41000].strip("\n")
     long_line = "mot " * 3000  # one 12,000-character line: cut at spaces
     cut = split_text(long_line, 5000)
     assert all(len(p) <= 5000 for p in cut) and " ".join(cut).split() == long_line.split()
