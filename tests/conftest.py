@@ -28,3 +28,13 @@ def demo_texts() -> list[str]:
         body = path.read_text(encoding="utf-8")
         texts += [p for p in body.split("\n\n") if p.strip()][:400]
     return texts
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The embedded demo corpus prepared once per session (`communs data prepare`): DATA_DIR."""
+    import communs
+
+    out = tmp_path_factory.mktemp("demo-data") / "data"
+    assert communs.main(["data", "prepare", str(DEMO / "sources.yaml"), "--out", str(out)]) == 0
+    return out
