@@ -84,7 +84,12 @@ def _eval(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model)
     outs = answer(model, tok, [r["question"] for r in records], max_new_tokens=args.max_new_tokens)
     rows = [
-        {"question": r["question"], "reference": r["answer"], "output": o, "correct": is_correct(o, r["answer"])}
+        {
+            "question": r["question"],
+            "reference": r["answer"],
+            "output": o,
+            "correct": is_correct(o, r["answer"]),
+        }
         for r, o in zip(records, outs)
     ]
     accuracy = sum(r["correct"] for r in rows) / len(rows)
@@ -94,6 +99,8 @@ def _eval(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
         with os.fdopen(fd, "w") as f:
-            json.dump({"accuracy": accuracy, "n": len(rows), "results": rows}, f, indent=1, ensure_ascii=False)
+            json.dump(
+                {"accuracy": accuracy, "n": len(rows), "results": rows}, f, indent=1, ensure_ascii=False
+            )
         os.replace(tmp, out)
     return 0

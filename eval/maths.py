@@ -14,7 +14,9 @@ from decimal import Decimal, InvalidOperation
 _NUMBER = r"-?\d[\d\u202f\u00a0 ,.]*"
 _MARKED = [
     re.compile(r"####\s*(" + _NUMBER + ")"),
-    re.compile(r"(?:réponse|reponse|resultat|résultat)\s+(?:finale\s+)?(?:est|:)\s*(?:de\s+)?(" + _NUMBER + ")", re.I),
+    re.compile(
+        r"(?:réponse|reponse|resultat|résultat)\s+(?:finale\s+)?(?:est|:)\s*(?:de\s+)?(" + _NUMBER + ")", re.I
+    ),
     re.compile(r"answer\s+(?:is|:)\s*(" + _NUMBER + ")", re.I),
 ]
 _ANY = re.compile(_NUMBER)

@@ -53,7 +53,9 @@ def run_demo(args: argparse.Namespace) -> int:
         f"tokenizer.path={data_dir / 'tokenizer' / 'tokenizer.model'}",
         *args.overrides,
     ]
-    rc = communs_main(["train", args.recipe, *overrides, "--run-dir", str(run_dir), "--nproc", str(args.nproc)])
+    rc = communs_main(
+        ["train", args.recipe, *overrides, "--run-dir", str(run_dir), "--nproc", str(args.nproc)]
+    )
     if rc:
         return rc
     timings["train"] = time.perf_counter() - t1
@@ -85,7 +87,11 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"  run directory: {run_dir}")
     print(f"  exported model: {export_dir}  (AutoModelForCausalLM.from_pretrained works on it)")
     (out / "demo.json").write_text(
-        json.dumps({"timings_s": timings, "answers": dict(zip(SAMPLE_QUESTIONS, answers))}, indent=1, ensure_ascii=False)
+        json.dumps(
+            {"timings_s": timings, "answers": dict(zip(SAMPLE_QUESTIONS, answers))},
+            indent=1,
+            ensure_ascii=False,
+        )
         + "\n"
     )
     return 0

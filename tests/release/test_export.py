@@ -32,7 +32,13 @@ def exported(tmp_path_factory, tokenizer_path):
 
 def test_export_folder_is_complete_and_stock(exported):
     _, _, out = exported
-    for name in ("model.safetensors", "config.json", "generation_config.json", "communs.json", "tokenizer.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "communs.json",
+        "tokenizer.json",
+    ):
         assert (out / name).exists(), name
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama"
