@@ -17,7 +17,11 @@ from pathlib import Path
 from communs import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLE_QUESTIONS = ["Combien font 12 + 7 ?", "Léa a 3 pommes et en achète 5. Combien de pommes a-t-elle ?"]
+# Worded like the education phase's tutoring dialogues, with the answer the model should reach.
+SAMPLE_QUESTIONS = {
+    "Peux-tu m'expliquer comment faire ce calcul ? Calcule 23 + 45.": "68",
+    "Bonjour ! Mon professeur m'a donné cet exercice : Calcule 12 × 4. Comment on fait ?": "48",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -69,9 +73,12 @@ def run_demo(args: argparse.Namespace) -> int:
     from eval.generation import answer, load_model
 
     model, tok = load_model(export_dir)
-    answers = answer(model, tok, SAMPLE_QUESTIONS, max_new_tokens=48)
-    for q, a in zip(SAMPLE_QUESTIONS, answers):
-        print(f"  Q: {q}\n  A: {a.strip()}")
+    from eval.maths import is_correct
+
+    answers = answer(model, tok, list(SAMPLE_QUESTIONS), max_new_tokens=96)
+    for (q, expected), a in zip(SAMPLE_QUESTIONS.items(), answers):
+        verdict = "right" if is_correct(a, expected) else f"wrong, expected {expected}"
+        print(f"  Q: {q}\n  A: {a.strip()}\n     ({verdict})")
     timings["answer"] = time.perf_counter() - t2
     timings["total"] = time.perf_counter() - t0
 

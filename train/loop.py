@@ -648,9 +648,10 @@ def export_phase(recipe: Recipe, plan: PhasePlan, ckpt_root: Path, tag: str, run
 def consolidated_state_dict(ckpt_root: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a checkpoint: ZeRO's fp32 partitions merged (stages 1-3), or the module (0)."""
     if zero_stage == 0:
-        sd = torch.load(
-            ckpt_root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-        )["module"]
+        # weights_only: DeepSpeed's model-states file holds tensors, plain containers and strings only.
+        sd = torch.load(ckpt_root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)[
+            "module"
+        ]
         return {k: v.float() for k, v in sd.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -118,3 +118,15 @@ def test_dry_run_writes_the_run_directory(tiny_recipe, tmp_path, capsys, monkeyp
     assert "phase first" in out and "8 steps" in out
     assert {p.name for p in run_dir.iterdir()} >= {"recipe.yaml", "deepspeed", "env.json", "run.json", "logs"}
     assert json.loads((run_dir / "deepspeed" / "first.json").read_text())["gradient_accumulation_steps"] == 1
+
+
+def test_zero0_export_is_the_module_read_without_unpickling(tiny_recipe, single_rank, tmp_path):
+    recipe = load_recipe(tiny_recipe, ["deepspeed.zero_stage=0"])
+    run_dir = tmp_path / "run"
+    assert loop.run(recipe, run_dir) == EXIT_OK
+    from safetensors.torch import load_file
+
+    sd = loop.consolidated_state_dict(run_dir / "checkpoints", "step-00000014", 0)  # weights_only=True
+    weights = load_file(run_dir / "export" / "second" / "model.safetensors")
+    assert torch.equal(weights["model.norm.weight"], sd["norm.weight"])
+    assert torch.equal(weights["model.embed_tokens.weight"], sd["tok_embeddings.weight"])
