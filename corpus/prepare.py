@@ -355,12 +355,14 @@ def prepare(
     vocab_size = vocab_size or sf.vocab_size
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
         _archive_previous(out)
         inputs = {s.id: _inputs(sf, s) for s in sf.sources}
         fingerprint = _curation_fingerprint(sf, inputs)
         curated, splits = _curate_step(out, sf, fingerprint, workers, progress)
+        _check_not_empty(sources_path, sf, curated, splits)
         lap("curate")
         tok, tok_info = _tokenizer_step(
             out, sf, curated, splits, fingerprint, vocab_size, Path(tokenizer) if tokenizer else None, workers
@@ -393,9 +395,28 @@ def prepare(
         )
         lap("manifest")
         return manifest
+    except UserError:
+        # Bad input: leave nothing behind (a folder this call created goes entirely).
+        _remove_temporaries(out)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     except BaseException:
+        # A crash or an interrupt keeps what is finished, for a resumed prepare.
         _remove_temporaries(out)
         raise
+
+
+def _check_not_empty(sources_path, sf: SourcesFile, curated, splits: dict) -> None:
+    """A source that keeps no training document is an error, named with its counts, before any tokenizer."""
+    for s in sf.sources:
+        if "train" not in splits[s.id]:
+            c = curated.counts[s.id]
+            removed = ", ".join(f"{n} {rule}" for rule, n in sorted(c["removed"].items())) or "none"
+            raise UserError(
+                f"{sources_path}: sources[{s.id}]: no document left to train on "
+                f"({c['read']} read, {c['kept']} kept, removed: {removed})"
+            )
 
 
 def _source_entry(sf: SourcesFile, s: Source, inputs: list[dict], counts: dict, splits: dict) -> dict:

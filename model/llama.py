@@ -259,7 +259,8 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> torch
 def rope_cos_sin(
     inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, ...]:
-    """cos, sin of shape (B, T, 1, Dh) for positions (B, T), in the rotate_half layout [f, f]."""
+    """cos, sin of shape (B, T, 1, Dh) for positions (B, T) (or B = 1 for all rows), in the rotate_half
+    layout [f, f]."""
     angles = positions[..., None].float() * inv_freq  # (B, T, Dh/2)
     angles = torch.cat((angles, angles), dim=-1)[:, :, None, :]  # (B, T, 1, Dh): broadcast over heads
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -407,19 +408,30 @@ class Attention(nn.Module):
         return self.wo(y.reshape(B, T, cfg.n_heads * cfg.head_dim))  # (B, T, H*Dh) -> (B, T, D)
 
 
+class DownProjection(nn.Linear):
+    """w2(silu(gate) * up): the MLP's down projection taking gate and up, so that the fused op can recompute
+    the (B, T, F) activation in backward instead of keeping it. A module (state-dict name `w2.weight`) so
+    that engines that gather parameters per module call (ZeRO-3) see its weight in use."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.ffn_dim, cfg.dim, bias=False)
+        self.kernels = cfg.kernels
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if self.kernels == "reference":
+            return F.linear(F.silu(gate) * up, self.weight)  # (B, T, F) -> (B, T, D)
+        return ops.swiglu_down(gate, up, self.weight, self.kernels)
+
+
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.kernels = cfg.kernels
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
-        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
+        self.w2 = DownProjection(cfg)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w1(x), self.w3(x)  # each (B, T, F)
-        if self.kernels == "reference":
-            return self.w2(F.silu(gate) * up)
-        return self.w2(ops.swiglu(gate, up, self.kernels))
+        return self.w2(self.w1(x), self.w3(x))  # gate, up (B, T, F) -> (B, T, D)
 
 
 class Block(nn.Module):
@@ -516,10 +528,10 @@ class Transformer(nn.Module):
             self._inv_freq = rope_inv_freq(cfg, input_ids.device)
         positions = position_ids
         if positions is None:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
+            positions = torch.arange(T, device=input_ids.device)[None]  # (1, T): the same for every row
 
         h = self.tok_embeddings(input_ids)  # (B, T, D)
-        cos, sin = rope_cos_sin(self._inv_freq, positions, h.dtype)  # each (B, T, 1, Dh)
+        cos, sin = rope_cos_sin(self._inv_freq, positions, h.dtype)  # each (B or 1, T, 1, Dh)
         if cache is None:
             mask = ops.make_mask(cfg.attention, position_ids, B, T, input_ids.device, h.dtype)
         else:

@@ -268,15 +268,50 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, kernels: str) -> torch.Tensor:
     return _SwiGLU.apply(gate, up)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)  # each (..., Dh/2)
-    return torch.cat((-x2, x1), dim=-1)
+class _SwiGLUDown(torch.autograd.Function):
+    """w2(silu(gate) * up) saving gate, up and w2's weight only: the (B, T, F) activation that the down
+    projection would otherwise keep for its weight gradient is recomputed in backward (one cheap
+    elementwise pass), which removes one F-wide tensor per layer from the activation memory."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up, weight)
+        return F.linear(F.silu(gate) * up, weight)  # (..., F) -> (..., D)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up, weight = ctx.saved_tensors
+        silu = F.silu(gate)  # (..., F)
+        grad_2d = grad.reshape(-1, grad.shape[-1])  # (N, D)
+        grad_weight = grad_2d.t() @ (silu * up).reshape(-1, gate.shape[-1])  # (D, F)
+        grad_act = (grad_2d @ weight).view(gate.shape)  # (..., F)
+        grad_up = grad_act * silu
+        grad_gate = torch.ops.aten.silu_backward(grad_act.mul_(up), gate)  # grad_act * up * silu'(gate)
+        return grad_gate, grad_up, grad_weight
 
 
-def _rotate_half_transposed(x: torch.Tensor) -> torch.Tensor:
-    """The adjoint of rotate_half (its inverse): (y1, y2) -> (y2, -y1)."""
-    x1, x2 = x.chunk(2, dim=-1)  # each (..., Dh/2)
-    return torch.cat((x2, -x1), dim=-1)
+def swiglu_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, kernels: str) -> torch.Tensor:
+    """(silu(gate) * up) @ weight^T: the SwiGLU MLP after its two input projections. gate, up (..., F),
+    weight (D, F). Returns (..., D)."""
+    if use_liger(kernels, gate):
+        return F.linear(swiglu(gate, up, kernels), weight)
+    return _SwiGLUDown.apply(gate, up, weight)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x cos + rotate_half(x) sin, i.e. each half-pair (x1, x2) -> (x1 c - x2 s, x2 c + x1 s), written
+    half by half into a new contiguous tensor: no rotate_half copy, no cat, one fused multiply-add per
+    half (the plain formula makes ~5 passes over x). inverse=True rotates by -angle (the adjoint).
+    x (B, T, H, Dh); cos, sin (B or 1, T, 1, Dh) in the [f, f] layout, of which one half is used."""
+    half = x.shape[-1] // 2
+    c, s = cos[..., :half], sin[..., :half]  # (B or 1, T, 1, Dh/2)
+    x1, x2 = x[..., :half], x[..., half:]  # each (B, T, H, Dh/2)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous: .view() after it is free
+    o1, o2 = out[..., :half], out[..., half:]
+    sign = 1.0 if inverse else -1.0
+    torch.mul(x1, c, out=o1).addcmul_(x2, s, value=sign)  # x1 c -/+ x2 s
+    torch.mul(x2, c, out=o2).addcmul_(x1, s, value=-sign)  # x2 c +/- x1 s
+    return out
 
 
 class _Rope(torch.autograd.Function):
@@ -286,14 +321,12 @@ class _Rope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         ctx.save_for_backward(cos, sin)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
     @staticmethod
     def backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor):
         cos, sin = ctx.saved_tensors
-        gq = grad_q * cos + _rotate_half_transposed(grad_q * sin)
-        gk = grad_k * cos + _rotate_half_transposed(grad_k * sin)
-        return gq, gk, None, None
+        return _rotate(grad_q, cos, sin, inverse=True), _rotate(grad_k, cos, sin, inverse=True), None, None
 
 
 def apply_rope(

@@ -14,11 +14,14 @@ document starts and, for chat data, of non-assistant tokens are not scored).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import math
 import os
 import signal
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -342,6 +345,8 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, world: int) -> None:
 def run(recipe: Recipe, run_dir: str | Path, resume: str = "auto", stop_at_step: int | None = None) -> int:
     """Train every phase of `recipe` in `run_dir` (this process is one rank); return the exit code."""
     run_dir = Path(run_dir).absolute()
+    # DeepSpeed's ZeRO calls a collective torch has renamed; the warning says nothing to a user.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     rank, world, device = init_distributed(recipe.deepspeed.timeout_minutes)
     dist = torch.distributed
     plans = plan_phases(recipe, world)
@@ -649,13 +654,13 @@ def consolidated_state_dict(ckpt_root: Path, tag: str, zero_stage: int) -> dict[
     """Full fp32 weights from a checkpoint: ZeRO's fp32 partitions merged (stages 1-3), or the module (0)."""
     if zero_stage == 0:
         # weights_only: DeepSpeed's model-states file holds tensors, plain containers and strings only.
-        sd = torch.load(ckpt_root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)[
-            "module"
-        ]
+        states = ckpt_root / tag / "mp_rank_00_model_states.pt"
+        sd = torch.load(states, map_location="cpu", weights_only=True)["module"]
         return {k: v.float() for k, v in sd.items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a progress report per call
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
 
 
 def print_summary(summary: dict) -> None:

@@ -33,6 +33,25 @@ def test_swiglu_function_gradcheck_and_forward():
     torch.testing.assert_close(ops.swiglu(g, u, "torch"), torch.nn.functional.silu(g) * u)
 
 
+def test_swiglu_down_function_gradcheck_and_forward():
+    """The fused SwiGLU + down projection (activation recomputed in backward) against the plain maths."""
+    g, u, w = rand(2, 3, 6), rand(2, 3, 6), rand(5, 6)
+    assert torch.autograd.gradcheck(ops._SwiGLUDown.apply, (g, u, w))
+    want = torch.nn.functional.linear(torch.nn.functional.silu(g) * u, w)
+    torch.testing.assert_close(ops.swiglu_down(g, u, w, "torch"), want)
+
+
+def test_rope_broadcast_over_batch_matches_reference():
+    """cos/sin of batch 1 (position_ids=None: the same positions for every row) broadcast over B."""
+    q, k = rand(3, 5, 4, 8), rand(3, 5, 2, 8)
+    angles = torch.rand(1, 5, 1, 4, generator=gen, dtype=torch.float64) * 10
+    angles = torch.cat([angles, angles], -1)
+    cos, sin = angles.cos(), angles.sin()
+    assert torch.autograd.gradcheck(lambda q, k: ops._Rope.apply(q, k, cos, sin), (q, k))
+    for got, want in zip(ops.apply_rope(q, k, cos, sin, "torch"), apply_rope(q, k, cos, sin)):
+        torch.testing.assert_close(got, want)
+
+
 def test_rope_function_gradcheck_and_forward():
     q, k = rand(2, 5, 4, 8), rand(2, 5, 2, 8)
     angles = torch.rand(2, 5, 1, 4, generator=gen, dtype=torch.float64) * 10
