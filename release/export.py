@@ -69,13 +69,27 @@ def export_hf(
             tmp / "communs.json",
             {"model_config": dataclasses.asdict(model_cfg), "provenance": provenance or {}},
         )
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _swap_into_place(tmp, out_dir)
     return out_dir
+
+
+def _swap_into_place(new: Path, out_dir: Path) -> None:
+    """Put a finished folder at out_dir; an existing export is moved aside first and removed only after.
+
+    A kill at any point leaves either the old export or the new one at out_dir (plus a dot-named folder
+    beside it, removed by the next export), never nothing.
+    """
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(new, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.*"):  # temporaries of killed exports
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def load_export(export_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

@@ -13,8 +13,8 @@ transformers = pytest.importorskip("transformers")
 
 SHORT = [
     "phases.pretrain.tokens=98304",  # 12 steps of 8192 tokens
-    "phases.maths.tokens=32768",
-    "phases.education.tokens=32768",
+    "phases.maths.tokens=49152",  # 6 steps
+    "phases.education.tokens=49152",
     "checkpoint.interval=6",
     "logging.interval=2",
 ]
@@ -34,6 +34,8 @@ def test_demo_end_to_end(tmp_path, demo_data, capsys):
     assert [p["name"] for p in summary["phases"]] == ["pretrain", "maths", "education"]
     pretrain = summary["phases"][0]
     assert pretrain["loss_end"] < pretrain["loss_start"] - 0.5, pretrain  # 12 steps from ~ln(8192)
+    for phase in summary["phases"]:
+        assert phase["loss_end"] < phase["loss_start"], phase  # the loss falls in each phase
 
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {m["phase"] for m in metrics if "loss" in m} == {"pretrain", "maths", "education"}

@@ -81,3 +81,14 @@ def test_failed_export_leaves_nothing_behind(tmp_path, exported, tokenizer_path)
     with pytest.raises(Exception):  # noqa: B017 - any error will do, what matters is the cleanup
         export_hf(bad, cfg, tokenizer_path, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_re_export_replaces_and_cleans_leftovers_of_killed_exports(tmp_path, exported, tokenizer_path):
+    model, cfg, _ = exported
+    out = tmp_path / "model"
+    export_hf(model.state_dict(), cfg, tokenizer_path, out, provenance={"n": 1})
+    (tmp_path / ".model.killed123").mkdir()  # a temporary folder of an export killed mid-write
+    (tmp_path / ".model.old").mkdir()  # an old export moved aside by a kill mid-swap
+    export_hf(model.state_dict(), cfg, tokenizer_path, out, provenance={"n": 2})
+    assert json.loads((out / "communs.json").read_text())["provenance"] == {"n": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
