@@ -1,4 +1,5 @@
-"""`communs generate` (answer prompts with an exported model) and `communs eval` (maths accuracy)."""
+"""`communs generate` (answer prompts with an exported model) and `communs eval` (local lm-eval tasks,
+or maths accuracy on a question/answer file)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=_generate)
 
-    e = sub.add_parser("eval", help="maths accuracy of an exported model on a question/answer jsonl file")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate an exported model: local lm-eval tasks (--tasks) or maths accuracy on a jsonl file (--data)",
+    )
     e.add_argument("model", help="an export folder (RUN/export/<phase>)")
-    e.add_argument("--data", required=True, help='jsonl with {"question", "answer"} (GSM8K format)')
-    e.add_argument("--limit", type=int, default=50, help="first N questions")
-    e.add_argument("--max-new-tokens", type=int, default=128)
-    e.add_argument("--out", help="write the per-question results and the accuracy here (JSON)")
+    what = e.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--tasks", help="comma-separated local lm-eval tasks (eval/tasks/), e.g. communs_maths_fr"
+    )
+    what.add_argument("--data", help='jsonl with {"question", "answer"} (GSM8K format): maths accuracy')
+    e.add_argument("--limit", type=int, help="first N documents per task / questions (default: all / 50)")
+    e.add_argument("--max-new-tokens", type=int, default=128, help="with --data")
+    e.add_argument("--out", help="write the results here (JSON)")
     e.set_defaults(func=_eval)
 
 
@@ -77,10 +85,15 @@ def read_qa(path: str | os.PathLike, limit: int) -> list[dict]:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.tasks is not None:
+        from eval.lm_harness import run_tasks
+
+        run_tasks(args.model, [t.strip() for t in args.tasks.split(",") if t.strip()], args.limit, args.out)
+        return 0
     from eval.generation import answer, load_model
     from eval.maths import is_correct
 
-    records = read_qa(args.data, args.limit)
+    records = read_qa(args.data, 50 if args.limit is None else args.limit)
     model, tok = load_model(args.model)
     outs = answer(model, tok, [r["question"] for r in records], max_new_tokens=args.max_new_tokens)
     rows = [
