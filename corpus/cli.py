@@ -98,8 +98,15 @@ def _optout_add(args: argparse.Namespace) -> int:
         path = Path(args.text_file)
         if not path.is_file():
             raise UserError(f"--text-file {path}: no such file")
-        # The hash of the text as read matches the document (every chunk of it) however it was curated.
-        kind, value = "sha256", hashlib.sha256(path.read_bytes()).hexdigest()
+        from corpus.readers import read_text_file
+
+        # The hash of the text as the pipeline reads it (line breaks normalised, as the `text` format
+        # does) matches the document (every chunk of it) however it was curated.
+        try:
+            text = read_text_file(path)
+        except UnicodeDecodeError as e:
+            raise UserError(f"--text-file {path}: invalid UTF-8 at byte {e.start}") from None
+        kind, value = "sha256", hashlib.sha256(text.encode("utf-8")).hexdigest()
     else:
         kind, value = next((k, v) for k, v in (
             ("doc_id", args.doc_id), ("author", args.author), ("sha256", args.sha256), ("url", args.url),

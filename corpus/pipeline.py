@@ -21,7 +21,7 @@ from corpus.dedup import find_duplicates, signature
 from corpus.optout import optout_set, read_entries
 from corpus.readers import Problem, read_source
 from corpus.sources import SourcesFile
-from corpus.stages import PER_DOC_STAGES, Doc, OptOutSet, StageContext, wordlist_path
+from corpus.stages import PER_DOC_STAGES, Doc, OptOutSet, StageContext, document_licence, wordlist_path
 
 _BATCH_CHARS = 1 << 18  # ~256 kB of text per task: large enough to amortise the pickling
 
@@ -119,7 +119,11 @@ def curate(sf: SourcesFile, workers: int = 1, progress: bool = False) -> Curated
     params = {s.id: s.stages for s in sf.sources}
     contexts = {
         s.id: StageContext(
-            languages=s.language, wordlist=wordlist_path(s.stages["toxicity"], base), optout=optouts
+            languages=s.language,
+            wordlist=wordlist_path(s.stages["toxicity"], base),
+            optout=optouts,
+            conditions=s.conditions,
+            release_licence=sf.release_licence,
         )
         for s in sf.sources
     }
@@ -232,7 +236,8 @@ def _collect(sf, docs, slots, rules, dup_of, entries) -> Curated:
         for kind, n in doc.pii.items():
             c["pii"][kind] = c["pii"].get(kind, 0) + n
         record = {
-            "id": doc.id, "source": doc.source, "parent": doc.parent, "licence": src.licence,
+            "id": doc.id, "source": doc.source, "parent": doc.parent,
+            "licence": document_licence(doc) or src.licence,  # a document's own licence, when it has one
             "fate": "removed" if rule else "kept", "rule": rule, "sha256": doc.sha256(),
             "raw_sha256": doc.raw_sha256,
         }  # fmt: skip

@@ -2,9 +2,11 @@
 
 Each step records a fingerprint of what it was made from; a re-run (after a crash, or with nothing
 changed) skips the steps whose fingerprint matches and, within the shards of a source, the shards
-already finished. Every file is written under a temporary name and renamed; the manifest comes
-last, and the previous one is removed first (kept under history/<root hash>/ for exposure
-reports), so a data directory without manifest.json is unfinished and nothing reads it.
+already finished. Everything that can refuse the input runs before the data directory is touched,
+so a failed re-run leaves a good directory as it was. Then the previous manifest is removed (kept
+under history/<root hash>/ for exposure reports), every file is written under a temporary name and
+renamed, and the manifest comes last: a data directory without manifest.json is unfinished and
+nothing reads it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ _ENCODE_BATCH_CHARS = 1 << 22  # texts handed to the tokenizer's threaded encode
 
 
 def is_val(doc_id: str, seed: int, fraction: float) -> bool:
-    """Held-out or not, from a hash of the document id (stable when other documents change)."""
+    """Held-out or not, from a hash of the (parent) document id (stable when other documents change)."""
     return _split_rank(doc_id, seed) < fraction
 
 
@@ -44,16 +46,24 @@ def _split_rank(doc_id: str, seed: int) -> float:
     return int.from_bytes(h[:8], "big") / 2**64
 
 
-def assign_splits(ids: list[str], seed: int, fraction: float) -> list[str]:
-    """'train' or 'val' per id; a source with ≥ 2 documents always gets one in each split."""
-    splits = ["val" if is_val(i, seed, fraction) else "train" for i in ids]
-    if fraction > 0 and len(ids) >= 2:
-        ranks = [_split_rank(i, seed) for i in ids]
-        if "val" not in splits:
-            splits[int(np.argmin(ranks))] = "val"
-        if "train" not in splits:
-            splits[int(np.argmax(ranks))] = "train"
-    return splits
+def assign_splits(ids: list[str], seed: int, fraction: float, parents: list[str] | None = None) -> list[str]:
+    """'train' or 'val' per id, decided per parent document (`parents[i]`, default the id itself).
+
+    All chunks of one document go to the same split, so no validation text was seen in training.
+    A source with ≥ 2 parent documents always gets one in each split (when fraction > 0); a source
+    with a single parent document (one file cut into chunks) is all train.
+    """
+    parents = list(ids) if parents is None else parents
+    unique = sorted(set(parents))
+    if len(unique) < 2 or fraction <= 0:
+        return ["train"] * len(ids)
+    ranks = {p: _split_rank(p, seed) for p in unique}
+    split_of = {p: "val" if r < fraction else "train" for p, r in ranks.items()}
+    if "val" not in split_of.values():
+        split_of[min(unique, key=ranks.__getitem__)] = "val"
+    if "train" not in split_of.values():
+        split_of[max(unique, key=ranks.__getitem__)] = "train"
+    return [split_of[p] for p in parents]
 
 
 def _versions() -> dict[str, str]:
@@ -131,7 +141,9 @@ def _load_curated(out: Path, sf: SourcesFile, state: dict) -> Curated:
 
 def _curate_step(
     out: Path, sf: SourcesFile, fingerprint: str, workers: int, progress: bool
-) -> tuple[Curated, dict[str, list[str]]]:
+) -> tuple[Curated, dict[str, list[str]], bool]:
+    """The curated documents and their splits, and whether they are new (to be written by
+    `_write_curated`). Nothing in `out` changes here: a UserError leaves the directory as it was."""
     state_path = out / "curated" / "state.json"
     if state_path.is_file():
         state = json.loads(state_path.read_text())
@@ -140,16 +152,23 @@ def _curate_step(
         )
         if state.get("fingerprint") == fingerprint and files_ok:
             curated = _load_curated(out, sf, state)
-            return curated, state["splits"]
-        state_path.unlink()
+            return curated, state["splits"], False
     curated = curate(sf, workers=workers, progress=progress)
     splits: dict[str, list[str]] = {}
     for s in sf.sources:
-        splits[s.id] = assign_splits([d.id for d in curated.docs[s.id]], sf.seed, sf.val_fraction)
+        docs = curated.docs[s.id]
+        splits[s.id] = assign_splits([d.id for d in docs], sf.seed, sf.val_fraction, [d.parent for d in docs])
     split_of = {d.id: sp for s in sf.sources for d, sp in zip(curated.docs[s.id], splits[s.id])}
     for record in curated.provenance:
         if record["fate"] == "kept":
             record["split"] = split_of[record["id"]]
+    return curated, splits, True
+
+
+def _write_curated(out: Path, sf: SourcesFile, curated: Curated, splits: dict, fingerprint: str) -> None:
+    state_path = out / "curated" / "state.json"
+    # The state goes first and comes back last: a crash in between leaves no state, so a re-run redoes it.
+    state_path.unlink(missing_ok=True)
     for s in sf.sources:
         rows = []
         for d, sp in zip(curated.docs[s.id], splits[s.id]):
@@ -162,36 +181,38 @@ def _curate_step(
     _write_atomic(out / "provenance.jsonl", _jsonl(curated.provenance))
     state = {"fingerprint": fingerprint, "counts": curated.counts, "splits": splits}
     _write_atomic(state_path, json.dumps(state, sort_keys=True).encode())
-    return curated, splits
 
 
 # ----------------------------------------------------------------------------------- tokenizer
 
 
-def _tokenizer_step(out: Path, sf: SourcesFile, curated: Curated, splits, fingerprint: str, vocab_size: int,
-                    existing: Path | None, workers: int):  # fmt: skip
-    from tokenizer import Tokenizer, sample_texts, train_tokenizer
+_TOKENIZER_STAGING = ".tokenizer.staging"
 
-    tok_dir = out / "tokenizer"
-    model_path = tok_dir / "tokenizer.model"
+
+def _tokenizer_step(out: Path, sf: SourcesFile, curated: Curated, splits, fingerprint: str, vocab_size: int,
+                    existing: Path | None, workers: int) -> tuple[Path | None, str | None, dict]:  # fmt: skip
+    """Decide (and train, into a staging folder) the tokenizer; `_install_tokenizer` puts it in place.
+
+    Returns (what to install: the --tokenizer file, the staging folder, or None when the one in
+    place is current; the training fingerprint, None for --tokenizer; info for the manifest).
+    Nothing in out/tokenizer changes here: a UserError (e.g. a sample too small for the vocabulary)
+    leaves the directory as it was.
+    """
+    from tokenizer import sample_texts, train_tokenizer
+
     if existing is not None:
-        if not existing.is_file():
-            raise UserError(f"--tokenizer {existing}: no such file")
-        if not model_path.is_file() or sha256_file(model_path) != sha256_file(existing):
-            _write_atomic(model_path, existing.read_bytes())
-        (tok_dir / "state.json").unlink(missing_ok=True)
-        return Tokenizer.load(model_path), {"trained": False}
+        return existing, None, {"trained": False}
+    tok_dir = out / "tokenizer"
     tok_fp = hashlib.sha256(
         canonical_json([fingerprint, vocab_size, sf.seed, sf.sample_bytes_per_source])
     ).hexdigest()
     state_path = tok_dir / "state.json"
     if (
-        model_path.is_file()
+        (tok_dir / "tokenizer.model").is_file()
         and state_path.is_file()
         and json.loads(state_path.read_text()).get("fingerprint") == tok_fp
     ):
-        return Tokenizer.load(model_path), {"trained": True}
-    state_path.unlink(missing_ok=True)
+        return None, tok_fp, {"trained": True}
 
     def train_texts(s: Source):
         # Validation documents stay out of the tokenizer's sample too.
@@ -203,9 +224,31 @@ def _tokenizer_step(out: Path, sf: SourcesFile, curated: Curated, splits, finger
     sample = sample_texts(
         sources, {s.id: 1.0 for s in sf.sources}, sf.sample_bytes_per_source * len(sf.sources), sf.seed
     )
-    path = train_tokenizer(sample, tok_dir, vocab_size, seed=sf.seed, num_threads=workers)
+    staging = out / _TOKENIZER_STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    train_tokenizer(sample, staging, vocab_size, seed=sf.seed, num_threads=workers)
+    return staging, tok_fp, {"trained": True}
+
+
+def _install_tokenizer(out: Path, new: Path | None, tok_fp: str | None):
+    from tokenizer import Tokenizer
+
+    tok_dir = out / "tokenizer"
+    model_path = tok_dir / "tokenizer.model"
+    state_path = tok_dir / "state.json"
+    if new is None:
+        return Tokenizer.load(model_path)
+    state_path.unlink(missing_ok=True)  # no state while the model changes: a crash means retrain
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    if tok_fp is None:  # --tokenizer: a copy of the given model
+        if not model_path.is_file() or sha256_file(model_path) != sha256_file(new):
+            _write_atomic(model_path, new.read_bytes())
+        return Tokenizer.load(model_path)
+    for f in sorted(new.iterdir()):
+        os.replace(f, tok_dir / f.name)
+    new.rmdir()
     _write_atomic(state_path, json.dumps({"fingerprint": tok_fp}).encode())
-    return Tokenizer.load(path), {"trained": True}
+    return Tokenizer.load(model_path)
 
 
 # -------------------------------------------------------------------------------------- shards
@@ -353,20 +396,33 @@ def prepare(
     out = Path(out_dir)
     workers = workers or default_workers()
     vocab_size = vocab_size or sf.vocab_size
+    existing = Path(tokenizer) if tokenizer else None
+    if existing is not None:
+        if not existing.is_file():
+            raise UserError(f"--tokenizer {existing}: no such file")
+        from tokenizer import Tokenizer
+
+        Tokenizer.load(existing)  # not a sentencepiece model → UserError naming the file
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        _archive_previous(out)
+        # Every step that can refuse the input (curation, the emptiness check, tokenizer training)
+        # runs before the directory is touched, so a bad re-run leaves a good directory exactly as
+        # it was. Only then is the previous manifest archived and are the new files put in place.
         inputs = {s.id: _inputs(sf, s) for s in sf.sources}
         fingerprint = _curation_fingerprint(sf, inputs)
-        curated, splits = _curate_step(out, sf, fingerprint, workers, progress)
+        curated, splits, fresh = _curate_step(out, sf, fingerprint, workers, progress)
         _check_not_empty(sources_path, sf, curated, splits)
         lap("curate")
-        tok, tok_info = _tokenizer_step(
-            out, sf, curated, splits, fingerprint, vocab_size, Path(tokenizer) if tokenizer else None, workers
+        new_tok, tok_fp, tok_info = _tokenizer_step(
+            out, sf, curated, splits, fingerprint, vocab_size, existing, workers
         )
+        _archive_previous(out)
+        if fresh:
+            _write_curated(out, sf, curated, splits, fingerprint)
+        tok = _install_tokenizer(out, new_tok, tok_fp)
         lap("tokenizer")
         source_entries = {}
         for s in sf.sources:
@@ -398,12 +454,14 @@ def prepare(
     except UserError:
         # Bad input: leave nothing behind (a folder this call created goes entirely).
         _remove_temporaries(out)
+        shutil.rmtree(out / _TOKENIZER_STAGING, ignore_errors=True)
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
     except BaseException:
         # A crash or an interrupt keeps what is finished, for a resumed prepare.
         _remove_temporaries(out)
+        shutil.rmtree(out / _TOKENIZER_STAGING, ignore_errors=True)
         raise
 
 
@@ -469,7 +527,7 @@ def _manifest(out: Path, sf: SourcesFile, tok, tok_info: dict, sources: dict, n_
     return {
         "sources_file": {"name": sf.path.name, "sha256": sha256_file(sf.path)},
         "seed": sf.seed,
-        "split": {"val_fraction": sf.val_fraction, "by": "sha256('split:<seed>:<doc id>')"},
+        "split": {"val_fraction": sf.val_fraction, "by": "sha256('split:<seed>:<parent doc id>')"},
         "pipeline": {
             "order": sf.order,
             "errors": sf.errors,

@@ -26,7 +26,7 @@ class Problem:
     """An input record that could not become a document."""
 
     id: str
-    rule: str  # read.malformed_json | read.invalid_utf8 | read.missing_field | read.bad_field | read.empty
+    rule: str  # read.malformed_json | invalid_utf8 | missing_field | bad_field | empty | too_long
     where: str  # file:line
     message: str
 
@@ -113,6 +113,12 @@ def _load_documents(files: list[Path]) -> list[str]:
     return [ex["text"] for ex in ds]
 
 
+def read_text_file(path: Path) -> str:
+    """One file's text exactly as the `text` format reads it (line breaks CRLF/CR → LF): the text whose
+    sha256 is a document's `raw_sha256` (what `optout add --text-file` hashes)."""
+    return "\n".join(_load_documents([Path(path)]))
+
+
 def _read_text_files(source: Source) -> Iterator[Doc | Problem]:
     """Format `text`: one document per file; its id from `id_pattern` on the file name."""
     rows = _metadata_rows(source)
@@ -138,7 +144,7 @@ def _read_text_files(source: Source) -> Iterator[Doc | Problem]:
         texts = []
         for path in source.files:
             try:
-                texts.append("\n".join(_load_documents([path])))
+                texts.append(read_text_file(path))
             except UnicodeDecodeError as e:
                 texts.append(e)
     for path, doc_id, text in zip(source.files, ids, texts):
@@ -158,6 +164,35 @@ def _read_text_files(source: Source) -> Iterator[Doc | Problem]:
 
 
 # --------------------------------------------------------------------------------------- records
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _check_chat(doc_id: str, source: Source, messages: list[dict], where: str) -> Problem | None:
+    """A chat document the tokenizer can encode whole, or the problem with it.
+
+    Chat documents are never cut (a piece would start mid-conversation, its answers cut off from
+    their questions): one longer than `chunk_chars` is refused, naming it.
+    """
+    for k, m in enumerate(messages):
+        if m["role"] not in CHAT_ROLES:
+            return Problem(
+                doc_id,
+                "read.bad_field",
+                where,
+                f"message {k}: role {m['role']!r} is not one of {list(CHAT_ROLES)}",
+            )
+    n_chars = sum(len(m["content"]) for m in messages)
+    if n_chars > source.chunk_chars:
+        return Problem(
+            doc_id,
+            "read.too_long",
+            where,
+            f"chat document {doc_id!r} has {n_chars} characters, more than chunk_chars {source.chunk_chars} "
+            f"(chat documents are not cut: raise sources[{source.id}].chunk_chars or split the conversation)",
+        )
+    return None
 
 
 def _record_to_doc(record: object, source: Source, default_id: str, where: str) -> Doc | Problem | list[Doc]:
@@ -195,6 +230,9 @@ def _record_to_doc(record: object, source: Source, default_id: str, where: str) 
         if not any(m["content"].strip() for m in messages):
             return Problem(doc_id, "read.empty", where, "empty document")
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        problem = _check_chat(doc_id, source, messages, where)
+        if problem:
+            return problem
         raw_sha = hashlib.sha256(json.dumps(messages, ensure_ascii=False).encode("utf-8")).hexdigest()
         return Doc(
             id=doc_id, source=source.id, parent=doc_id, raw_sha256=raw_sha, messages=messages, meta=meta
@@ -206,6 +244,8 @@ def _record_to_doc(record: object, source: Source, default_id: str, where: str) 
             return Problem(
                 doc_id, "read.missing_field", where, f"missing field {e.args[0]!r} (used by the template)"
             )
+        except (ValueError, TypeError) as e:  # a format spec that does not fit the value, e.g. {n:d} on text
+            return Problem(doc_id, "read.bad_field", where, f"template: {e}")
     else:
         if source.text_field not in record:
             return Problem(doc_id, "read.missing_field", where, f"missing text field {source.text_field!r}")
@@ -295,6 +335,10 @@ def read_source(source: Source, base: Path) -> Iterator[Doc | Problem]:
             if isinstance(content, str):
                 yield from _chunks(doc_id, source, content, meta)
             else:
+                problem = _check_chat(doc_id, source, content, f"generator {source.generator}")
+                if problem:
+                    yield problem
+                    continue
                 raw_sha = hashlib.sha256(json.dumps(content, ensure_ascii=False).encode("utf-8")).hexdigest()
                 yield Doc(
                     id=doc_id,

@@ -12,6 +12,7 @@ import difflib
 import fnmatch
 import glob
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,36 @@ def _check_keys(mapping: Any, allowed: set[str], required: set[str], where: str)
         if key not in mapping:
             raise UserError(f"{where}: missing key {key!r}")
     return mapping
+
+
+def check_template(template: str, where: str) -> str:
+    """A `str.format` template over a record's fields: every replacement field names one field.
+
+    Refused, naming the field: positional fields (`{}`, `{0}`), attribute or index lookups (`{a.b}`,
+    `{a[0]}`), nested fields in a format spec, unknown conversions, and malformed braces (an unclosed
+    `{`, a lone `}`; write `{{` and `}}` for literal braces).
+    """
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise UserError(
+            f"{where}: {template!r} is not a valid format string ({e}; write {{{{ and }}}} for braces)"
+        ) from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        field = "{" + name + ("!" + conversion if conversion else "") + (":" + spec if spec else "") + "}"
+        if name == "" or name.isdigit():
+            raise UserError(f"{where}: {field}: positional field; name a record field, e.g. {{question}}")
+        if "." in name or "[" in name:
+            raise UserError(
+                f"{where}: {field}: attribute or index lookups are not supported; name a record field"
+            )
+        if conversion not in (None, "r", "s", "a"):
+            raise UserError(f"{where}: {field}: unknown conversion !{conversion} (use !r, !s or !a)")
+        if spec and "{" in spec:
+            raise UserError(f"{where}: {field}: nested fields in a format spec are not supported")
+    return template
 
 
 def _typed(value: Any, types: type | tuple, where: str, what: str) -> Any:
@@ -260,7 +291,9 @@ def _parse_source(raw: Any, i: int, top: SourcesFile, base: Path) -> Source:
             if key in raw:
                 setattr(src, key, _typed(raw[key], str, f"{where}.{key}", "a field name"))
         if "template" in raw:
-            src.template = _typed(raw["template"], str, f"{where}.template", "a format string")
+            src.template = check_template(
+                _typed(raw["template"], str, f"{where}.template", "a format string"), f"{where}.template"
+            )
             if kind == "chat":
                 raise UserError(f"{where}.template: chat sources take their `messages_field`, not a template")
         if "id_pattern" in raw:
@@ -307,7 +340,11 @@ def load_sources(path: str | Path) -> SourcesFile:
     )
     shards = _check_keys(raw.get("shards", {}), {"max_tokens"}, set(), f"{path}: shards")
     order = pipeline.get("order", list(DEFAULT_ORDER))
-    if not isinstance(order, list) or sorted(order) != sorted(DEFAULT_ORDER):
+    if (
+        not isinstance(order, list)
+        or not all(isinstance(name, str) for name in order)
+        or sorted(order) != sorted(DEFAULT_ORDER)
+    ):
         raise UserError(f"{path}: pipeline.order: expected each of {list(DEFAULT_ORDER)} once, got {order!r}")
     if order.index("normalise") != 0:
         raise UserError(
@@ -318,7 +355,9 @@ def load_sources(path: str | Path) -> SourcesFile:
         path=path,
         seed=_typed(raw.get("seed", 0), int, f"{path}: seed", "an integer"),
         release_licence=check_licence(release["licence"], f"{path}: release.licence"),
-        optout=(base / raw["optout"]) if raw.get("optout") else None,
+        optout=(base / _typed(raw["optout"], str, f"{path}: optout", "a file path"))
+        if raw.get("optout") is not None
+        else None,
         never_read=_typed(never_read, list, f"{path}: never_read", "a list of globs"),
         order=order,
         errors=pipeline.get("errors", "skip"),

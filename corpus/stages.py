@@ -4,7 +4,7 @@ A stage takes a `Doc` (modifying its text for the transforming stages) and its p
 returns None to keep the document or the name of the rule that removes it (e.g.
 "quality.min_words"). Parameters come from the sources file (`pipeline.<stage>`, overridden per
 source under `sources[i].stages`); `STAGE_DEFAULTS` lists every parameter a stage takes.
-The global stages (dedup, licence) live in corpus/dedup.py and corpus/pipeline.py.
+The global stage (dedup) lives in corpus/dedup.py and corpus/pipeline.py.
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from corpus.licences import LICENCES, Conditions, policy_violation
+
 DEFAULT_ORDER = ("normalise", "quality", "langid", "toxicity", "pii", "dedup", "optout", "licence")
 
 # Bump a stage's version when its behaviour changes: it is written into the manifest.
 STAGE_VERSIONS = {
-    "normalise": 1, "quality": 1, "langid": 1, "toxicity": 1, "pii": 1, "dedup": 1, "optout": 1, "licence": 1,
+    "normalise": 1, "quality": 2, "langid": 1, "toxicity": 1, "pii": 1, "dedup": 1, "optout": 1, "licence": 2,
 }  # fmt: skip
 
 STAGE_DEFAULTS: dict[str, dict] = {
@@ -141,12 +143,57 @@ _DIGIT = re.compile(r"\d")
 _WORD = re.compile(r"\w+(?:['’]\w+)*")
 
 
-def _ngram_hashes(word_ids: np.ndarray, n: int) -> np.ndarray:
-    """A 64-bit hash per n-gram of `word_ids` (rolling polynomial; collisions are negligible)."""
-    h = np.zeros(len(word_ids) - n + 1, dtype=np.uint64)
-    for k in range(n):
-        h = h * np.uint64(1_000_003) + word_ids[k : len(word_ids) - n + 1 + k].astype(np.uint64)
-    return h
+def _ngram_ids(word_ids: np.ndarray, sizes: tuple[int, ...]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """For each n in `sizes`: an id per n-gram (equal exactly when the n-grams are equal) and, per id,
+    the position of its first occurrence.
+
+    Exact, no hashing: the ids of the (k-1)-grams and the next word's id are packed into one integer
+    (both are below the number of words, so it fits in 64 bits) and renumbered by np.unique.
+    """
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    n = len(word_ids)
+    cur = word_ids.astype(np.int64)
+    base = np.int64(int(cur.max()) + 1) if n else np.int64(1)
+    for k in range(2, max(sizes) + 1):
+        if n < k:
+            break
+        _, first, cur = np.unique(cur[:-1] * base + word_ids[k - 1 :], return_index=True, return_inverse=True)
+        cur = cur.reshape(-1)
+        if k in sizes:
+            out[k] = (cur, first)
+    return out
+
+
+def _covered(starts: np.ndarray, size: int, n_words: int) -> np.ndarray:
+    """Which of `n_words` words lie inside an n-gram of `size` words starting where `starts` is True."""
+    return np.convolve(starts.astype(np.int64), np.ones(size, dtype=np.int64))[:n_words] > 0
+
+
+def _top_share(grams: tuple[np.ndarray, np.ndarray], lengths: np.ndarray, size: int) -> float:
+    ids, first = grams
+    counts = np.bincount(ids)
+    best = counts.max()
+    if best < 2:
+        return 0.0
+    top = np.flatnonzero(counts == best)
+    top = top[np.argmin(first[top])]
+    return float(lengths[_covered(ids == top, size, len(lengths))].sum() / lengths.sum())
+
+
+def top_ngram_char_share(word_ids: np.ndarray, lengths: np.ndarray, size: int) -> float:
+    """Gopher's "top n-gram" share: the characters (of words) covered by the occurrences of the most
+    frequent `size`-gram, each character counted once where occurrences overlap ("a a a" holds the
+    2-gram "a a" twice but covers 3 words), over all word characters. 0 when no n-gram repeats.
+
+    `word_ids`: one integer per word, equal exactly for equal words. Ties between equally frequent
+    n-grams go to the one that occurs first in the text.
+    """
+    if len(word_ids) < size:
+        return 0.0
+    return _top_share(_ngram_ids(np.asarray(word_ids), (size,))[size], lengths, size)
+
+
+_TOP_SIZES, _DUP_SIZES = (2, 3, 4), (5, 7, 10)
 
 
 def quality_rule(text: str, p: dict, languages: list[str]) -> str | None:
@@ -193,28 +240,21 @@ def quality_rule(text: str, p: dict, languages: list[str]) -> str | None:
         hits = sum(map(stop.__contains__, _WORD.findall(text.lower())))
         if hits < p["min_stop_words"]:
             return "quality.stop_words"
-    # Repetition (Gopher): words → 64-bit hashes, n-grams → combined hashes, counted with numpy. Python's
-    # str hash is salted per process, but only equality within this text matters: the outcome is the
-    # same in every process (up to a 2^-64 collision).
-    ids = np.fromiter(map(hash, words), dtype=np.int64, count=n)
+    # Repetition (Gopher). Words get stable ids (numbered in order of first appearance) and n-grams
+    # are compared exactly: the outcome depends on the text alone, never on a process's salted hash.
+    vocab: dict[str, int] = {}
+    ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.int64, count=n)
+    grams = _ngram_ids(ids, _TOP_SIZES + _DUP_SIZES)
     total_chars = lengths.sum()
-    for size in (2, 3, 4):
-        if n >= size:
-            h = _ngram_hashes(ids, size)
-            uniq, first, counts = np.unique(h, return_index=True, return_counts=True)
-            top = np.argmax(counts)
-            if counts[top] > 1:
-                chars = lengths[first[top] : first[top] + size].sum() * counts[top]
-                if chars / total_chars > p[f"max_top_{size}gram"]:
-                    return f"quality.top_{size}gram"
-    for size in (5, 7, 10):
-        if n >= size:
-            h = _ngram_hashes(ids, size)
-            _, first = np.unique(h, return_index=True)
-            repeated = np.ones(len(h), dtype=bool)
+    for size in _TOP_SIZES:
+        if size in grams and _top_share(grams[size], lengths, size) > p[f"max_top_{size}gram"]:
+            return f"quality.top_{size}gram"
+    for size in _DUP_SIZES:
+        if size in grams:
+            gram_ids, first = grams[size]
+            repeated = np.ones(len(gram_ids), dtype=bool)
             repeated[first] = False  # first occurrences are not duplicates
-            covered = np.convolve(repeated.astype(np.int64), np.ones(size, dtype=np.int64))[:n] > 0
-            if lengths[covered].sum() / total_chars > p[f"max_dup_{size}gram"]:
+            if lengths[_covered(repeated, size, n)].sum() / total_chars > p[f"max_dup_{size}gram"]:
                 return f"quality.dup_{size}gram"
     return None
 
@@ -422,6 +462,43 @@ class StageContext:
     languages: list[str]
     wordlist: Path = DEFAULT_WORDLIST
     optout: OptOutSet = field(default_factory=OptOutSet)
+    conditions: Conditions | None = None  # the source's declared conditions (licence stage)
+    release_licence: str | None = None  # the licence the model is released under (licence stage)
+
+
+# -------------------------------------------------------------------------------------- licence
+
+_RESTRICTIONS = ("attribution", "share_alike", "no_derivatives")
+
+
+def document_licence(doc: Doc) -> str | None:
+    """The document's own licence, when its record or metadata row gives one (`meta.licence`)."""
+    value = doc.meta.get("licence")
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def licence(doc: Doc, p: dict, ctx: StageContext) -> str | None:
+    """Per-document licences (a `licence` metadata field, e.g. a dataset with a licence column).
+
+    A document without one is under its source's licence, which the release policy accepted when
+    the sources file was loaded. A document with one is removed when the licence is unknown
+    (`licence.unknown`), when it imposes more than its source's declared conditions, which the
+    manifest states for every document of the source (`licence.conditions`), or when the release
+    policy refuses it for the target licence (`licence.refused`).
+    """
+    lic = document_licence(doc)
+    if lic is None or ctx.conditions is None or ctx.release_licence is None:
+        return None
+    if lic not in LICENCES:
+        return "licence.unknown"
+    terms, declared = LICENCES[lic], ctx.conditions
+    if (not terms.commercial and declared.commercial) or any(
+        getattr(terms, name) and not getattr(declared, name) for name in _RESTRICTIONS
+    ):
+        return "licence.conditions"
+    if policy_violation(lic, declared, ctx.release_licence):
+        return "licence.refused"
+    return None
 
 
 PER_DOC_STAGES = {
@@ -431,4 +508,5 @@ PER_DOC_STAGES = {
     "toxicity": toxicity,
     "pii": pii,
     "optout": optout,
+    "licence": licence,
 }

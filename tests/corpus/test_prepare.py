@@ -185,3 +185,91 @@ def test_cli_bad_input_is_one_line_exit_2(corpus_dir, tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1
     assert "sources[qa].licence: CC-BY-NC-ND-4.0 cannot be released under Apache-2.0" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_assign_splits_by_parent_document():
+    from corpus.prepare import assign_splits
+
+    ids = [f"doc{k}#{c:04d}" for k in range(6) for c in range(5)]
+    parents = [i.split("#")[0] for i in ids]
+    splits = assign_splits(ids, 0, 0.3, parents)
+    by_parent = {p: {sp for q, sp in zip(parents, splits) if q == p} for p in parents}
+    assert all(len(s) == 1 for s in by_parent.values())  # every chunk of a document in one split
+    assert {"train", "val"} == set(splits)
+    # One parent document (one file cut into chunks): all train, whatever its hash says.
+    assert assign_splits(["play#0000", "play#0001", "play#0002"], 0, 0.99, ["play"] * 3) == ["train"] * 3
+    # Two parents: one in each split, even with a tiny fraction.
+    assert sorted(set(assign_splits(["a#0", "a#1", "b#0"], 0, 1e-9, ["a", "a", "b"]))) == ["train", "val"]
+
+
+def test_chunks_of_a_document_never_straddle_train_and_val(make_corpus, small_tokenizer, tmp_path):
+    # The demo-like corpus (novels cut into chunks), plus a single long file cut into chunks, like
+    # the demo's shakespeare source: it must be all train (and train reads no val split for it).
+    play = (
+        Path(__file__).resolve().parents[2] / "data" / "demo" / "shakespeare" / "tinyshakespeare-excerpt.txt"
+    ).read_text()[:12000]
+    extra = (
+        "  - id: play\n    format: text\n    paths: [play.txt]\n    licence: public-domain\n"
+        "    language: en\n    domain: theatre\n    url: https://example.org/play\n"
+        "    stages: {quality: {max_dup_line_fraction: 0.5, max_dup_line_char_fraction: 0.3}}\n"
+    )
+    sources = make_corpus(tmp_path / "corpus", extra_sources=extra)
+    (tmp_path / "corpus" / "play.txt").write_text(play, encoding="utf-8")
+    m = prepare(sources, tmp_path / "data", tokenizer=small_tokenizer, workers=1)
+    kept = [json.loads(line) for line in (tmp_path / "data" / "provenance.jsonl").open()]
+    kept = [r for r in kept if r["fate"] == "kept"]
+    splits_of: dict[str, set] = {}
+    for r in kept:
+        splits_of.setdefault(r["parent"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in splits_of.values()), {p: s for p, s in splits_of.items() if len(s) > 1}
+    novels = {r["parent"] for r in kept if r["source"] == "novels"}
+    assert len(novels) == 4 and sum(r["id"] != r["parent"] for r in kept if r["source"] == "novels") >= 8
+    assert {sp for p in novels for sp in splits_of[p]} == {"train", "val"}
+    play_docs = [r for r in kept if r["source"] == "play"]
+    assert len(play_docs) >= 4 and {r["split"] for r in play_docs} == {"train"}
+    assert m["sources"]["play"]["splits"]["val"] == {"n_docs": 0, "n_tokens": 0, "shards": []}
+    assert shard_prefixes(m, tmp_path / "data", "play", "val") == []
+    assert m["split"]["by"] == "sha256('split:<seed>:<parent doc id>')"
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_failed_rerun_leaves_a_good_data_dir_as_it_was(make_corpus, small_tokenizer, tmp_path):
+    good = make_corpus(tmp_path / "good")
+    out = tmp_path / "data"
+    m = prepare(good, out, tokenizer=small_tokenizer, workers=1)
+    before = _snapshot(out)
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(b"not a model")
+
+    fatal = make_corpus(tmp_path / "fatal")
+    fatal.write_text(fatal.read_text().replace("chunk_chars: 2500", "chunk_chars: 2500\n  errors: fatal"))
+    with open(tmp_path / "fatal" / "qa.jsonl", "a") as f:
+        f.write('{"question": "unterminated\n')
+    empty = make_corpus(tmp_path / "empty")
+    empty.write_text(empty.read_text().replace("    licence: public-domain\n", "    licence: public-domain\n"
+                                               "    stages: {quality: {min_words: 99999}}\n", 1))  # fmt: skip
+    bad_meta = make_corpus(tmp_path / "meta")
+    bad_meta.write_text(bad_meta.read_text().replace("author: author-name", "author: no-such-column"))
+    runs = [
+        (good, {"tokenizer": tmp_path / "typo.model"}, "--tokenizer .*typo.model: no such file"),
+        (good, {"tokenizer": garbage}, "garbage.model: not a sentencepiece model"),
+        (fatal, {"tokenizer": small_tokenizer}, r"qa\.jsonl:41: malformed JSON .*errors is 'fatal'"),
+        (empty, {"tokenizer": small_tokenizer}, r"sources\[novels\]: no document left to train on"),
+        (bad_meta, {"tokenizer": small_tokenizer}, "metadata.csv: no column 'no-such-column'"),
+        (good, {"vocab_size": 100_000}, "vocab_size 100000 does not fit the training sample"),
+    ]
+    for sources, kwargs, message in runs:
+        with pytest.raises(UserError, match=message):
+            prepare(sources, out, workers=1, **kwargs)
+        assert _snapshot(out) == before, (sources, kwargs)
+        assert load_manifest(out / "manifest.json") == m
+    assert verify_data_dir(out) == []

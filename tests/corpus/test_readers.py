@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import textwrap
 from pathlib import Path
@@ -187,3 +188,126 @@ def test_json_arrow_and_hf_dataset_sources(tmp_path):
     assert [d.id for d in result.docs["js"]] == ["js:j1", "js:j2"]
     assert [d.id for d in result.docs["ar"]] == ["ar:a1"]
     assert [(d.id, d.text) for d in result.docs["hf"]] == [("hf:h1", normalise_text(texts[3]))]
+
+
+def _licence_corpus(tmp: Path, release: str, source_licence: str, licences: list[str | None]) -> Path:
+    rows = []
+    for k, lic in enumerate(licences):
+        row = {"key": f"d{k}", "text": _paragraph(k)}
+        if lic is not None:
+            row["lic"] = lic
+        rows.append(json.dumps(row, ensure_ascii=False))
+    (tmp / "docs.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    body = JSONL_SOURCE.replace(
+        "licence: CC-BY-4.0", f"licence: {source_licence}\n    meta_fields: {{licence: lic}}"
+    )
+    path = _sources(tmp, body)
+    path.write_text(path.read_text().replace("licence: Apache-2.0", f"licence: {release}", 1))
+    return path
+
+
+def test_licence_stage_checks_each_documents_own_licence(tmp_path):
+    # Source CC-BY-4.0 (commercial, attribution), model released under Apache-2.0.
+    licences = [None, "CC0-1.0", "Foo-1.0", "CC-BY-NC-4.0", "CC-BY-SA-4.0", " MIT "]
+    result = curate(load_sources(_licence_corpus(tmp_path, "Apache-2.0", "CC-BY-4.0", licences)))
+    got = [(r["id"], r["licence"], r["rule"]) for r in result.provenance]
+    assert got == [
+        ("docs:d0", "CC-BY-4.0", None),  # no licence of its own: its source's, accepted at load
+        ("docs:d1", "CC0-1.0", None),  # looser than the source's conditions: fine
+        ("docs:d2", "Foo-1.0", "licence.unknown"),
+        ("docs:d3", "CC-BY-NC-4.0", "licence.conditions"),  # non-commercial, the source says commercial
+        ("docs:d4", "CC-BY-SA-4.0", "licence.conditions"),  # share-alike, the source does not say so
+        ("docs:d5", "MIT", None),
+    ]
+    assert result.counts["docs"]["removed"] == {"licence.conditions": 2, "licence.unknown": 1}
+
+
+def test_licence_stage_refuses_an_incompatible_share_alike_document(tmp_path):
+    # Released under CC-BY-SA-4.0: a GPL-3.0-only document's share-alike is not satisfied by it.
+    sources = _licence_corpus(tmp_path, "CC-BY-SA-4.0", "CC-BY-SA-4.0", ["GPL-3.0-only", "CC-BY-SA-3.0"])
+    result = curate(load_sources(sources))
+    assert [(r["licence"], r["rule"]) for r in result.provenance] == [
+        ("GPL-3.0-only", "licence.refused"),
+        ("CC-BY-SA-3.0", None),
+    ]
+
+
+def _chat_sources(tmp: Path, rows: list[dict], errors: str = "skip") -> Path:
+    (tmp / "chat.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    body = JSONL_SOURCE.replace("docs.jsonl", "chat.jsonl").replace("    id_field: key\n", "    kind: chat\n")
+    return _sources(tmp, body, errors)
+
+
+def test_huge_chat_document_is_refused_by_name(tmp_path):
+    # chunk_chars is 4000 (see _sources): chat documents are never cut, a longer one is refused.
+    long_answer = _paragraph(0) * 8  # 4800 characters
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "Raconte."},
+                {"role": "assistant", "content": long_answer},
+            ]
+        },
+        {"messages": [{"role": "user", "content": "Et 2 + 2 ?"}, {"role": "assistant", "content": "4."}]},
+    ]
+    result = curate(load_sources(_chat_sources(tmp_path, rows)))
+    assert [r["rule"] for r in result.provenance] == ["read.too_long", None]
+    assert result.provenance[0]["message"] == (
+        "chat document 'docs:chat:1' has 4808 characters, more than chunk_chars 4000 "
+        "(chat documents are not cut: raise sources[docs].chunk_chars or split the conversation)"
+    )
+    with pytest.raises(UserError) as e:
+        curate(load_sources(_chat_sources(tmp_path, rows, errors="fatal")))
+    assert str(e.value).startswith(
+        f"{tmp_path / 'chat.jsonl'}:1: chat document 'docs:chat:1' has 4808 characters"
+    )
+    assert str(e.value).endswith("(sources[docs].errors is 'fatal')") and "\n" not in str(e.value)
+
+
+def test_chat_with_unknown_role_is_a_bad_record(tmp_path):
+    rows = [{"messages": [{"role": "bot", "content": "Bonjour."}, {"role": "user", "content": "Salut."}]}]
+    result = curate(load_sources(_chat_sources(tmp_path, rows)))
+    assert result.provenance[0]["rule"] == "read.bad_field"
+    assert (
+        result.provenance[0]["message"]
+        == "message 0: role 'bot' is not one of ['system', 'user', 'assistant']"
+    )
+
+
+def test_template_format_spec_that_does_not_fit_is_a_bad_record(tmp_path):
+    (tmp_path / "docs.jsonl").write_text(
+        json.dumps({"key": "a", "n": "douze", "text": _paragraph(0)}) + "\n"
+        + json.dumps({"key": "b", "n": 12, "text": _paragraph(1)}) + "\n"
+    )  # fmt: skip
+    body = JSONL_SOURCE.replace("    id_field: key\n", '    id_field: key\n    template: "{n:d} {text}"\n')
+    result = curate(load_sources(_sources(tmp_path, body)))
+    assert [r["rule"] for r in result.provenance] == ["read.bad_field", None]
+    assert result.provenance[0]["message"] == "template: Unknown format code 'd' for object of type 'str'"
+
+
+def test_optout_text_file_hash_matches_the_document_as_read(tmp_path):
+    import communs
+
+    # A text file with Windows line breaks: the reader gives LF, and so must the opt-out hash.
+    text = "\n".join(_paragraph(k) for k in range(3))
+    (tmp_path / "crlf.txt").write_bytes(text.replace("\n", "\r\n").encode("utf-8"))
+    body = """\
+    sources:
+      - id: files
+        format: text
+        paths: [crlf.txt]
+        licence: CC-BY-4.0
+        language: fr
+        domain: web
+        url: https://example.org
+        stages: {quality: false, langid: false}
+    """
+    (tmp_path / "optout.jsonl").write_text("")
+    assert communs.main(["data", "optout", "add", str(tmp_path / "optout.jsonl"), "--text-file",
+                         str(tmp_path / "crlf.txt"), "--date", "2026-01-01"]) == 0  # fmt: skip
+    entry = json.loads((tmp_path / "optout.jsonl").read_text())
+    assert entry["kind"] == "sha256" and entry["value"] == hashlib.sha256(text.encode("utf-8")).hexdigest()
+    sources = _sources(tmp_path, body)
+    assert [r["raw_sha256"] for r in curate(load_sources(sources)).provenance] == [entry["value"]]
+    sources.write_text("optout: optout.jsonl\n" + sources.read_text())
+    assert [r["rule"] for r in curate(load_sources(sources)).provenance] == ["optout.sha256"]

@@ -127,3 +127,49 @@ def test_licence_policy_rules():
     nc = conditions_for("CC-BY-NC-4.0", None, "x")
     assert policy_violation("CC-BY-NC-4.0", nc, "CC-BY-NC-4.0") is None
     assert conditions_for("MIT", {"commercial": False}, "x") == Conditions(False, True, False, False)
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("Q: {0}", "{0}: positional field; name a record field, e.g. {question}"),
+        ("Q: {}", "{}: positional field; name a record field, e.g. {question}"),
+        ("Q: {question.text}", "{question.text}: attribute or index lookups are not supported; name a record field"),
+        ("Q: {question[0]}", "{question[0]}: attribute or index lookups are not supported; name a record field"),
+        ("Q: {question!x}", "{question!x}: unknown conversion !x (use !r, !s or !a)"),
+        ("Q: {question:{width}}", "{question:{width}}: nested fields in a format spec are not supported"),
+        ("Q: {question", "'Q: {question' is not a valid format string (expected '}' before end of string; "
+                         "write {{ and }} for braces)"),
+        ("Q: question}", "'Q: question}' is not a valid format string (Single '}' encountered in format string; "
+                         "write {{ and }} for braces)"),
+    ],
+)  # fmt: skip
+def test_bad_template_is_one_error_naming_file_and_key(corpus_dir, template, message):
+    _edit(corpus_dir, lambda r: r["sources"][1].update(template=template))
+    with pytest.raises(UserError) as e:
+        load_sources(corpus_dir)
+    assert str(e.value) == f"{corpus_dir}: sources[qa].template: {message}"
+
+
+def test_good_template_with_literal_braces_and_a_format_spec_loads(corpus_dir):
+    _edit(corpus_dir, lambda r: r["sources"][1].update(template="{{Q}} {question!s:>3}\n{answer}"))
+    assert load_sources(corpus_dir).source("qa").template == "{{Q}} {question!s:>3}\n{answer}"
+
+
+def test_non_string_stage_names_in_the_order(corpus_dir):
+    order = ["normalise", "quality", "langid", "toxicity", "pii", "dedup", "optout", {"licence": True}]
+    _edit(corpus_dir, lambda r: r["pipeline"].update(order=order))
+    with pytest.raises(UserError) as e:
+        load_sources(corpus_dir)
+    assert str(e.value).startswith(f"{corpus_dir}: pipeline.order: expected each of ['normalise', ")
+    assert str(e.value).endswith(f"once, got {order!r}")
+    _edit(corpus_dir, lambda r: r["pipeline"].update(order=[1, 2, 3]))
+    with pytest.raises(UserError, match=r"pipeline\.order: expected each of .* once, got \[1, 2, 3\]$"):
+        load_sources(corpus_dir)
+
+
+def test_non_string_optout_is_named(corpus_dir):
+    _edit(corpus_dir, lambda r: r.update(optout=["optout.jsonl"]))
+    with pytest.raises(UserError) as e:
+        load_sources(corpus_dir)
+    assert str(e.value) == f"{corpus_dir}: optout: expected a file path, got ['optout.jsonl']"

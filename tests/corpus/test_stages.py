@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,67 @@ def test_stage_defaults_are_not_shared():
 
     merged = _merge_stage_params(STAGE_DEFAULTS, {"quality": {"min_words": 3}}, "x")
     assert merged["quality"]["min_words"] == 3 and STAGE_DEFAULTS == before
+
+
+# ------------------------------------------------------------------- repetition: stable, exact
+
+# Two 2-grams occur twice each: "ab cd" (4 characters per occurrence) and "efghij klmnop" (12). A
+# process that picked the "top" one by a salted str hash would flip between them across runs.
+_TIE_TEXT = "ab cd zz ab cd yy efghij klmnop ww efghij klmnop vv"
+_TIE_SCRIPT = """
+import json, sys
+import numpy as np
+from corpus.stages import STAGE_DEFAULTS, quality_rule, top_ngram_char_share
+text = sys.argv[1]
+words = text.split()
+_, ids = np.unique(np.array(words), return_inverse=True)
+lengths = np.array([len(w) for w in words])
+p = {**STAGE_DEFAULTS["quality"], "min_words": 1, "min_stop_words": 0, "max_dup_5gram": 1.0,
+     "max_dup_7gram": 1.0, "max_dup_10gram": 1.0, "max_top_3gram": 1.0, "max_top_4gram": 1.0,
+     "min_mean_word_length": 1.0, "max_top_2gram": 0.3}
+print(json.dumps([quality_rule(text, p, []), top_ngram_char_share(ids, lengths, 2)]))
+"""
+
+
+def test_quality_does_not_depend_on_the_hash_seed():
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    outs = set()
+    for seed in ("0", "1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(root)}
+        run = subprocess.run(
+            [sys.executable, "-c", _TIE_SCRIPT, _TIE_TEXT],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        outs.add(run.stdout.strip())
+    # Ties go to the n-gram that occurs first ("ab cd": 8 of 40 word characters), whatever the seed.
+    assert outs == {json.dumps([None, 8 / 40])}
+
+
+def test_top_ngram_share_counts_overlapping_characters_once():
+    import numpy as np
+
+    from corpus.stages import top_ngram_char_share
+
+    def share(text: str, size: int) -> float:
+        words = text.split()
+        _, ids = np.unique(np.array(words), return_inverse=True)
+        return top_ngram_char_share(ids, np.array([len(w) for w in words]), size)
+
+    # "aa aa aa aa bbb": the 2-gram "aa aa" occurs 3 times (overlapping) but covers the 4 "aa"
+    # words once each: 8 of 11 characters (counting each occurrence would give 12/11 > 1).
+    assert share("aa aa aa aa bbb", 2) == 8 / 11
+    # "x y x y x y": "x y" ×3 and "y x" ×2: top is "x y", covering all 6 words: 6/6.
+    assert share("x y x y x y", 2) == 1.0
+    # No repeated 3-gram: 0.
+    assert share("un deux trois quatre cinq", 3) == 0.0
+    # A long run of one word stays ≤ 1 for every size.
+    assert all(share(" ".join(["la"] * 50), n) == 1.0 for n in (2, 3, 4))
+    # Tie (count 2 each) → the earlier n-gram: "ab cd" (2 × 4 characters) of 40.
+    assert share(_TIE_TEXT, 2) == 8 / 40
