@@ -9,7 +9,7 @@
     train.cli         `communs train RECIPE [key=value ...]`: validate, write the run dir, launch torchrun
 
 Exit codes of `communs train` and of each rank (`python -m train`): EXIT_OK when every phase is done,
-EXIT_REQUEUE when the run stopped on a signal (SIGTERM/SIGUSR1) or `--stop-at-step` after committing a
+EXIT_REQUEUE when the run stopped on a signal (SIGTERM/SIGUSR1/SIGINT) or `--stop-at-step` after committing a
 checkpoint (the Slurm layer requeues the job, which resumes from it), 2 for bad input (UserError),
 anything else is a failure.
 """

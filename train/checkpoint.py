@@ -7,13 +7,21 @@
         integrity.json                    sha256 and size of every file above; written last
     RUN/checkpoints/latest                the newest committed tag, replaced with os.replace
     RUN/checkpoints/.tmp-step-00000120/   a checkpoint being written (never read; removed on the next save)
+    RUN/checkpoints/.tmp-old-step-00000120/  a committed checkpoint being replaced by a re-save of its step
 
 Commit protocol: every rank writes into the `.tmp-` folder (DeepSpeed's save_checkpoint, then its RNG
 file), a barrier, then rank 0 writes client.json, hashes every file into integrity.json, fsyncs, and
 renames the folder to its final name (atomic on a POSIX filesystem), then replaces `latest`. A crash
 at any point leaves either the previous checkpoints untouched or a complete new one. A committed
 checkpoint whose files no longer match integrity.json (torn copy, bit rot, truncation) is reported
-and skipped on resume for the previous good one.
+and skipped on resume for the previous good one; when every checkpoint is unusable, resuming is refused
+(each one named with its problem) unless the run is restarted fresh (`--resume never`).
+
+Re-saving a step that is already committed (a resumed run redoing it) moves the old folder to
+`.tmp-old-<tag>`, renames the new one into place, then deletes the old one. A POSIX rename cannot
+replace a non-empty folder, so between the two renames the tag exists only as `.tmp-old-<tag>`: the
+scan counts such a folder as the committed `<tag>` while `<tag>` itself is absent (`restore` renames it
+back before it is loaded), and prune never deletes it as a temporary folder.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from corpus.shards import sha256_file
 
 FORMAT = "communs.checkpoint/1"
 TMP_PREFIX = ".tmp-"
+OLD_PREFIX = TMP_PREFIX + "old-"  # a committed checkpoint set aside while its step is re-committed
+UNUSABLE_PREFIX = "unusable-"  # unusable checkpoints set aside by a fresh start (--resume never)
 
 
 def tag_for(step: int) -> str:
@@ -148,26 +158,53 @@ def commit(root: Path, tag: str, client: dict, hashes: dict[str, dict] | None = 
     _write_atomic(tmp_dir / "integrity.json", json.dumps({"format": FORMAT, "files": files}, indent=1) + "\n")
     _fsync_dir(tmp_dir)
     final = root / tag
+    old = root / (OLD_PREFIX + tag)
     if final.exists():  # the same step saved again (a resumed run redoing it): the new one replaces it
-        old = root / (TMP_PREFIX + "old-" + tag)
+        if old.exists():  # a leftover of an earlier interrupted swap; `final` is the newer copy
+            shutil.rmtree(old)
+        # the old copy stays whole under .tmp-old-<tag> (still found by the scan) until the new one is in place
         os.replace(final, old)
-        os.replace(tmp_dir, final)
+        _fsync_dir(root)
+    os.replace(tmp_dir, final)
+    _fsync_dir(root)
+    if old.exists():
         shutil.rmtree(old)
-    else:
-        os.replace(tmp_dir, final)
     _fsync_dir(root)
     _write_atomic(root / "latest", tag + "\n")
     return final
 
 
+def _is_tag(name: str) -> bool:
+    return name.startswith("step-") and name[5:].isdigit()
+
+
 def committed(root: Path) -> list[str]:
-    """Committed checkpoint tags, newest first (by step)."""
+    """Committed checkpoint tags, newest first (by step); a tag whose folder is absent but set aside as
+    `.tmp-old-<tag>` (a re-commit of its step cut between its two renames) counts: see `location`."""
     if not root.is_dir():
         return []
-    tags = [
-        p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()
-    ]
+    names = {p.name for p in root.iterdir() if p.is_dir()}
+    tags = {n for n in names if _is_tag(n)}
+    tags |= {
+        n[len(OLD_PREFIX) :] for n in names if n.startswith(OLD_PREFIX) and _is_tag(n[len(OLD_PREFIX) :])
+    }
     return sorted(tags, key=step_of, reverse=True)
+
+
+def location(root: Path, tag: str) -> Path:
+    """The folder holding committed `tag`: RUN/checkpoints/<tag>, or `.tmp-old-<tag>` when only that is left."""
+    final = root / tag
+    return final if final.is_dir() or not (root / (OLD_PREFIX + tag)).is_dir() else root / (OLD_PREFIX + tag)
+
+
+def restore(root: Path, tag: str) -> Path:
+    """Rank 0, before loading `tag`: rename a set-aside `.tmp-old-<tag>` back to `<tag>` (and `latest`)."""
+    where = location(root, tag)
+    if where.name != tag:
+        os.replace(where, root / tag)
+        _fsync_dir(root)
+        _write_atomic(root / "latest", tag + "\n")
+    return root / tag
 
 
 def verify(ckpt_dir: Path, rank: int = 0, world: int = 1) -> str | None:
@@ -203,13 +240,21 @@ def prune(root: Path, keep_last: int, keep_phase_ends: bool, current_tmp: str | 
     periodic = []
     for tag in tags:
         try:
-            phase_end = read_client(root / tag).get("phase_end", False)
+            phase_end = read_client(location(root, tag)).get("phase_end", False)
         except (OSError, ValueError):
             phase_end = False
         if not (phase_end and keep_phase_ends):
             periodic.append(tag)
-    doomed = [t for t in periodic[keep_last:] if t != tags[0]]
-    doomed += [p.name for p in root.iterdir() if p.name.startswith(TMP_PREFIX) and p.name != current_tmp]
+    doomed = [location(root, t).name for t in periodic[keep_last:] if t != tags[0]]
+    # temporary folders, except a set-aside `.tmp-old-<tag>` that is the only copy of its tag
+    doomed += [
+        p.name
+        for p in root.iterdir()
+        if p.name.startswith(TMP_PREFIX)
+        and p.name != current_tmp
+        and p.name not in doomed
+        and not (p.name.startswith(OLD_PREFIX) and location(root, p.name[len(OLD_PREFIX) :]) == p)
+    ]
     for name in doomed:
         shutil.rmtree(root / name, ignore_errors=True)
     return doomed
@@ -231,29 +276,33 @@ def find_resume(
 ) -> ResumePoint | None:
     """The newest valid checkpoint to resume from, or None to start fresh.
 
-    mode: auto (resume when there is one), never (start fresh; refused when checkpoints exist, so that
-    a fresh run never mixes with an old one's), force (resume even from a different recipe or data).
-    A torn or corrupted checkpoint is reported and skipped for the previous one. `check(folder)` says
-    what is wrong with a checkpoint (train.loop passes one that verifies in parallel on every rank).
+    mode: auto (resume when there is one), never (start fresh; refused when a usable checkpoint exists,
+    so that a fresh run never mixes with an old one's), force (resume even from a different recipe or
+    data). A torn or corrupted checkpoint is reported and skipped for the previous one; when there are
+    checkpoints but none is usable, auto and force refuse (naming each one and its problem) rather than
+    silently start over. `check(folder)` says what is wrong with a checkpoint (train.loop passes one that
+    verifies in parallel on every rank); with verify_files=False only client.json's presence is checked.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     tags = committed(root)
-    if mode == "never":
-        if tags:
-            raise UserError(
-                f"{root}: has checkpoints ({tags[0]} ...) and --resume never: use another --run-dir"
-            )
-        return None
+
+    def problem_of(tag: str) -> str | None:
+        where = location(root, tag)
+        if verify_files:
+            return check(where)
+        return None if (where / "client.json").exists() else "no client.json"
+
+    problems: list[str] = []
     for tag in tags:
-        problem = (
-            check(root / tag)
-            if verify_files
-            else (None if (root / tag / "client.json").exists() else "no client.json")
-        )
+        problem = problem_of(tag)
         if problem:
-            log(f"checkpoint {root / tag}: {problem}; skipping it for an older one")
+            problems.append(f"{tag}: {problem}")
+            if mode != "never":
+                log(f"checkpoint {location(root, tag)}: {problem}; skipping it for an older one")
             continue
-        client = read_client(root / tag)
+        if mode == "never":
+            raise UserError(f"{root}: has checkpoints ({tag} ...) and --resume never: use another --run-dir")
+        client = read_client(location(root, tag))
         if mode != "force":
             if client.get("manifest_root_hash") != root_hash:
                 raise UserError(
@@ -265,5 +314,29 @@ def find_resume(
                     f"{root / tag}: written by a different recipe (hash {str(client.get('recipe_hash'))[:12]} != "
                     f"{recipe_hash[:12]}): refusing to resume (--resume force to override)"
                 )
-        return ResumePoint(tag, root / tag, client)
+        return ResumePoint(tag, location(root, tag), client)
+    if problems and mode != "never":
+        raise UserError(
+            f"{root}: no usable checkpoint ({'; '.join(problems)}): refusing to start over silently; "
+            "--resume never starts a fresh run here (the unusable checkpoints are set aside as unusable-<tag>)"
+        )
+    if problems:
+        log(f"{root}: every checkpoint is unusable ({'; '.join(problems)}); starting fresh (--resume never)")
     return None
+
+
+def set_aside_unusable(root: Path) -> list[str]:
+    """Rank 0, on a fresh start over unusable checkpoints: rename each to `unusable-<tag>`, where neither
+    the scan nor prune looks (kept for inspection); return the new names."""
+    moved = []
+    for tag in committed(root):
+        where = location(root, tag)
+        target = root / (UNUSABLE_PREFIX + tag)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(where, target)
+        moved.append(target.name)
+    if moved:
+        _fsync_dir(root)
+        (root / "latest").unlink(missing_ok=True)
+    return moved

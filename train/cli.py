@@ -3,8 +3,9 @@
 Validates the recipe completely (schema, files, vocab, mixture, budgets, batch divisibility) and the
 resume point, writes the run directory, then launches `torchrun --standalone --nproc_per_node N -m train`
 (one process per rank, `train/__main__.py`). Under a launcher that already set RANK (srun + torchrun
-on a cluster), it runs this process as one rank instead. SIGTERM / SIGUSR1 / SIGINT are forwarded to
-the ranks, which finish their step, checkpoint and stop; the exit code is then EXIT_REQUEUE (75).
+on a cluster), it runs this process as one rank instead. SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) are
+forwarded to the ranks through torchrun (told to handle all three and to wait long enough), which
+finish their step, checkpoint and stop; the exit code is then EXIT_REQUEUE (75).
 """
 
 from __future__ import annotations
@@ -63,8 +64,11 @@ def main(args: argparse.Namespace) -> int:
     manifest = validate_inputs(recipe, world, args.recipe)
     run_dir = Path(args.run_dir or Path("runs") / recipe.name).absolute()
     # refuse a mismatched resume now, not after the launch (the ranks verify the files' hashes again)
-    checkpoint.find_resume(run_dir / "checkpoints", recipe_hash(recipe), manifest["root_hash"], args.resume,
-                           verify_files=False, log=lambda msg: None)  # fmt: skip
+    # (--resume never: the checkpoints' files are hashed here, a fresh start over unusable ones being allowed)
+    point = checkpoint.find_resume(run_dir / "checkpoints", recipe_hash(recipe), manifest["root_hash"], args.resume,
+                                   verify_files=args.resume == "never", log=lambda msg: None)  # fmt: skip
+    if point is not None:
+        loop.check_world_size(point, world, recipe.deepspeed.zero_stage)
     loop.prepare_run_dir(recipe, run_dir, world)
     update_run_json(run_dir, status="launching", recipe=recipe.name, world_size=world)
     plans = plan_phases(recipe, world)
@@ -79,8 +83,7 @@ def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         return EXIT_OK
 
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+    cmd = torchrun_command(world, recipe.deepspeed.timeout_minutes) + [
         "-m", "train", str(run_dir / "recipe.yaml"), "--run-dir", str(run_dir), "--resume", args.resume,
     ]  # fmt: skip
     if args.stop_at_step is not None:
@@ -90,6 +93,23 @@ def main(args: argparse.Namespace) -> int:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
     env.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     return launch(cmd, env, run_dir)
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+
+def torchrun_command(world: int, timeout_minutes: float) -> list[str]:
+    """torchrun, set to pass every stop signal on to the ranks and to wait for them to checkpoint.
+
+    torchrun forwards the signals it handles to its workers and, `--shutdown-timeout` seconds later,
+    SIGKILLs them (30 s by default: too short for a large checkpoint). SIGUSR1 is not handled by default
+    (its default action would kill torchrun itself). The wait allowed is one collective timeout (the
+    longest a rank can block) plus 10 minutes for the checkpoint write."""
+    shutdown = int(timeout_minutes * 60) + 600
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+        "--signals-to-handle", ",".join((*STOP_SIGNALS, "SIGHUP", "SIGQUIT")), "--shutdown-timeout", str(shutdown),
+    ]  # fmt: skip
 
 
 def _has_cuda() -> bool:
@@ -103,13 +123,19 @@ def launch(cmd: list[str], env: dict, run_dir: Path) -> int:
     from train.telemetry import update_run_json
 
     log_path = run_dir / "logs" / f"train-{time.strftime('%Y%m%dT%H%M%S')}.log"
-    child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
-    forwarded = []
+    # A session of its own: a Ctrl-C at the terminal reaches this process only, which forwards it once
+    # (torchrun handling a second signal while it waits for the ranks would cut its wait short).
+    child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0,
+                             start_new_session=True)  # fmt: skip
+    forwarded: list[int] = []
 
     def forward(signum, frame) -> None:
-        forwarded.append(signum)
         if child.poll() is None:
-            child.send_signal(signal.SIGTERM)  # torchrun passes SIGTERM on to every rank
+            if not forwarded:
+                child.send_signal(signum)  # torchrun passes it on to every rank (torchrun_command)
+            elif signum == signal.SIGINT and signal.SIGINT in forwarded:
+                os.killpg(child.pid, signal.SIGKILL)  # a second Ctrl-C: quit now, without a checkpoint
+        forwarded.append(signum)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:

@@ -20,6 +20,7 @@ import io
 import math
 import os
 import signal
+import sys
 import time
 import warnings
 from collections import deque
@@ -84,6 +85,19 @@ def init_distributed(timeout_minutes: float) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(local)
         return rank, world, torch.device("cuda", local)
     return rank, world, torch.device("cpu")
+
+
+def all_reduce_host(t: torch.Tensor, op=None) -> torch.Tensor:
+    """all_reduce of a small host tensor, returned on the host. NCCL reduces CUDA tensors only: under it
+    the tensor makes a round trip through the current GPU (gloo reduces it in place)."""
+    dist = torch.distributed
+    op = dist.ReduceOp.SUM if op is None else op
+    if dist.get_backend() == "nccl":
+        on_device = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_device, op=op)
+        return on_device.cpu()
+    dist.all_reduce(t, op=op)
+    return t
 
 
 def build_engine(recipe: Recipe, plan: PhasePlan, world: int):
@@ -167,7 +181,8 @@ def rank_micro_batches(
 class StepResult:
     loss: float  # mean over the scored tokens of the global batch
     grad_norm: float  # before clipping; nan when the step was skipped
-    skipped: bool  # non-finite loss or gradient: no update was applied
+    skipped: bool  # non-finite loss or gradient, or nothing scored: no update was applied
+    empty: bool = False  # the global batch had no scored target token (nothing to learn from)
 
 
 def train_step(engine, micro_batches: list[MicroBatch], lr: float, zero_stage: int) -> StepResult:
@@ -178,30 +193,40 @@ def train_step(engine, micro_batches: list[MicroBatch], lr: float, zero_stage: i
     of the mean over every scored token. A non-finite loss on any micro-batch poisons its gradient with
     NaN, so DeepSpeed's overflow check (ZeRO 1-3) skips the update on every rank; at ZeRO 0, where
     DeepSpeed steps unchecked, the gradients are dropped here instead (AdamW skips gradient-less params).
+    A global batch with no scored target at all (possible in SFT: every window user text) is skipped
+    whole: no forward, no update (`empty`).
+
+    The losses and the finiteness flag stay on the device until the step's end: one host sync per step
+    (the final all-reduce), not one per micro-batch.
     """
     dist = torch.distributed
     world = dist.get_world_size()
     for group in torch_optimizer(engine).param_groups:
         group["lr"] = lr
     n_local = torch.tensor([float(sum(mb.n_scored for mb in micro_batches))], dtype=torch.float64)
-    dist.all_reduce(n_local)
-    n_global = n_local.item()
+    n_local = all_reduce_host(n_local)
+    n_global = n_local.item()  # from host-side counts: no device sync
+    if n_global == 0:  # the same decision on every rank (all-reduced)
+        return StepResult(loss=float("nan"), grad_norm=float("nan"), skipped=True, empty=True)
     share = len(micro_batches) * world / n_global  # each micro-batch's loss is a mean over its tokens
 
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    bad = 0.0
+    device = micro_batches[0].input_ids.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    nan = torch.tensor(float("nan"), device=device)
     for i, mb in enumerate(micro_batches):
         targets, weight = mb.targets, mb.n_scored
         if weight == 0:  # nothing scored (e.g. a chat window of user text): one dummy target, zero weight
             targets = targets.clone()
             targets[0, 0] = mb.input_ids[0, 1] if mb.input_ids.shape[1] > 1 else mb.input_ids[0, 0]
         out = engine(mb.input_ids, position_ids=mb.position_ids, targets=targets)
-        finite = bool(torch.isfinite(out.loss))
-        bad = max(bad, 0.0 if finite else 1.0)
-        scale = weight * share
-        engine.backward(out.loss * scale if finite else out.loss * float("nan"))
-        if finite:
-            loss_sum += out.loss.detach().double().cpu() * weight
+        finite = torch.isfinite(out.loss)
+        bad |= ~finite
+        # x 1.0 is exact (the same loss and gradients bit for bit); x nan poisons the gradient of a
+        # non-finite loss, without asking the host whether it is finite
+        poison = torch.where(finite, torch.ones_like(nan), nan).to(out.loss.dtype)
+        engine.backward(out.loss * (weight * share) * poison)
+        loss_sum += torch.where(finite, out.loss.detach().double(), 0.0) * weight
         last = i == len(micro_batches) - 1
         grad_norm = None
         if last and zero_stage == 0:
@@ -227,8 +252,8 @@ def train_step(engine, micro_batches: list[MicroBatch], lr: float, zero_stage: i
         applied = engine.was_step_applied()
         grad_norm = engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-    stats = torch.tensor([loss_sum.item(), bad], dtype=torch.float64)
-    dist.all_reduce(stats)
+    stats = torch.stack([loss_sum, bad.double()]).cpu()  # the step's one host sync
+    stats = all_reduce_host(stats)
     skipped = (not applied) or stats[1].item() > 0
     loss = stats[0].item() / n_global if stats[1].item() == 0 else float("nan")
     return StepResult(loss=loss, grad_norm=grad_norm if applied else float("nan"), skipped=skipped)
@@ -263,7 +288,7 @@ def evaluate(engine, readers: dict, seq_len: int, mbs: int, max_tokens: int, dev
             loss = engine(mb.input_ids, position_ids=mb.position_ids, targets=targets).loss
             if mb.n_scored:
                 sums += torch.tensor([loss.double().item() * mb.n_scored, mb.n_scored], dtype=torch.float64)
-        dist.all_reduce(sums)
+        sums = all_reduce_host(sums)
         if sums[1] > 0:
             out[src] = sums[0].item() / sums[1].item()
     engine.train()
@@ -274,12 +299,18 @@ def evaluate(engine, readers: dict, seq_len: int, mbs: int, max_tokens: int, dev
 # Signals
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 class StopFlag:
-    """SIGTERM / SIGUSR1 ask the run to finish its step, checkpoint and exit EXIT_REQUEUE."""
+    """SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) ask the run to finish its step, checkpoint and exit EXIT_REQUEUE.
+
+    Installed first thing in `run`, so that a signal during start-up (process group, checkpoint hashing,
+    the FLOP/s measurement) is not fatal either: the run then stops before its first step."""
 
     def __init__(self) -> None:
         self.signum = 0
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     def close(self) -> None:
         for sig, handler in self.previous.items():
@@ -291,7 +322,7 @@ class StopFlag:
     def agreed(self) -> bool:
         """True on every rank when any rank was signalled (ranks may get the signal at different steps)."""
         flag = torch.tensor([float(self.signum)])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        flag = all_reduce_host(flag, torch.distributed.ReduceOp.MAX)
         return flag.item() > 0
 
 
@@ -327,8 +358,25 @@ def open_readers(manifest: dict, manifest_path: str, sources, split: str, seq_le
     return readers
 
 
+def record_environment(run_dir: Path, world: int, resumed_from: str | None = None) -> Path | None:
+    """env.json: the environment of the run's first start, written once and kept. Each resume adds
+    env-<n>.json (n = 1, 2, ...: the n-th resume), with `resumed_from` set to the checkpoint tag."""
+    first = run_dir / "env.json"
+    if not first.exists():
+        telemetry.write_json(first, telemetry.environment(world))
+        return first
+    if resumed_from is None:
+        return None
+    n = 1
+    while (run_dir / f"env-{n}.json").exists():
+        n += 1
+    path = run_dir / f"env-{n}.json"
+    telemetry.write_json(path, {**telemetry.environment(world), "resumed_from": resumed_from})
+    return path
+
+
 def prepare_run_dir(recipe: Recipe, run_dir: Path, world: int) -> None:
-    """The files describing the run: recipe.yaml, deepspeed/<phase>.json, env.json."""
+    """The files describing the run: recipe.yaml, deepspeed/<phase>.json, env.json (if absent)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "logs").mkdir(exist_ok=True)
     tmp = run_dir / ".recipe.yaml.tmp"
@@ -339,12 +387,29 @@ def prepare_run_dir(recipe: Recipe, run_dir: Path, world: int) -> None:
         telemetry.write_json(
             run_dir / "deepspeed" / f"{plan.name}.json", deepspeed_config(recipe, plan.index, world)
         )
-    telemetry.write_json(run_dir / "env.json", telemetry.environment(world))
+    record_environment(run_dir, world)
+
+
+def check_world_size(point: checkpoint.ResumePoint, world: int, zero_stage: int) -> None:
+    """Refuse to resume ZeRO partitions written by another number of ranks (they cannot be re-split)."""
+    written = point.client.get("world_size")
+    if written != world and zero_stage > 0:
+        raise UserError(
+            f"{point.dir}: written by {written} ranks, this run has {world}: ZeRO stage {zero_stage} "
+            f"partitions cannot be re-split; resume with --nproc {written}"
+        )
 
 
 def run(recipe: Recipe, run_dir: str | Path, resume: str = "auto", stop_at_step: int | None = None) -> int:
     """Train every phase of `recipe` in `run_dir` (this process is one rank); return the exit code."""
-    run_dir = Path(run_dir).absolute()
+    stop = StopFlag()  # before anything slow: a stop signal during start-up must not kill the rank
+    try:
+        return _run(recipe, Path(run_dir).absolute(), resume, stop_at_step, stop)
+    finally:
+        stop.close()
+
+
+def _run(recipe: Recipe, run_dir: Path, resume: str, stop_at_step: int | None, stop: StopFlag) -> int:
     # DeepSpeed's ZeRO calls a collective torch has renamed; the warning says nothing to a user.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     rank, world, device = init_distributed(recipe.deepspeed.timeout_minutes)
@@ -369,18 +434,24 @@ def run(recipe: Recipe, run_dir: str | Path, resume: str = "auto", stop_at_step:
         check=check_in_parallel,
         log=None if rank == 0 else (lambda msg: None),
     )
+    if point is not None:
+        check_world_size(point, world, recipe.deepspeed.zero_stage)
     if rank == 0:
+        if resume == "never":
+            moved = checkpoint.set_aside_unusable(ckpt_root)
+            if moved:
+                print(
+                    f"train: set aside unusable checkpoints: {', '.join(moved)}", file=sys.stderr, flush=True
+                )
+        if point is not None:
+            checkpoint.restore(ckpt_root, point.tag)  # a `.tmp-old-<tag>` left by a cut re-commit
         prepare_run_dir(recipe, run_dir, world)
+        record_environment(run_dir, world, resumed_from=None if point is None else point.tag)
     dist.barrier()
 
     state = State()
     if point is not None:
         c = point.client
-        if c.get("world_size") != world and recipe.deepspeed.zero_stage > 0:
-            raise UserError(
-                f"{point.dir}: written by {c.get('world_size')} ranks, this run has {world}: ZeRO stage "
-                f"{recipe.deepspeed.zero_stage} partitions cannot be re-split; resume with --nproc {c.get('world_size')}"
-            )
         state = State(
             step=c["step"], phase_index=c["phase_index"], step_in_phase=c["step_in_phase"], tokens=c["tokens"],
             data_position=dict(c["data_position"]), bad_in_a_row=c.get("bad_in_a_row", 0),
@@ -403,20 +474,24 @@ def run(recipe: Recipe, run_dir: str | Path, resume: str = "auto", stop_at_step:
             f"{recipe.deepspeed.zero_stage}, {recipe.precision}; "
             + (f"resuming from {point.tag}" if point else "starting fresh")
         )
-    peak_local, peak_src = telemetry.peak_flops(device, recipe.precision)
-    peak = torch.tensor([peak_local], dtype=torch.float64)
-    dist.all_reduce(peak)
-    stop = StopFlag()
-
     try:
-        code = _train(recipe, run_dir, plans, manifest, root_hash, rhash, state, point, rank, world, device,
-                      tel, peak.item(), stop, stop_at_step)  # fmt: skip
+        peak_local, peak_src = telemetry.peak_flops(device, recipe.precision)
+        peak = torch.tensor([peak_local], dtype=torch.float64)
+        peak = all_reduce_host(peak)
+        if stop.agreed():  # signalled during start-up: nothing trained, the resume point is unchanged
+            tel.message(
+                f"stop signal before the first step ({signal.Signals(stop.signum).name if stop.signum else 'another rank'}):"
+                f" nothing trained; exit {EXIT_REQUEUE} to requeue"
+            )
+            code = EXIT_REQUEUE
+        else:
+            code = _train(recipe, run_dir, plans, manifest, root_hash, rhash, state, point, rank, world, device,
+                          tel, peak.item(), stop, stop_at_step)  # fmt: skip
     except TrainingAborted as e:
         if rank == 0:
             telemetry.update_run_json(run_dir, status="failed", error=str(e))
         raise
     finally:
-        stop.close()
         tel.close()
     if rank == 0:
         if code == EXIT_OK:
@@ -505,6 +580,7 @@ def _train(recipe, run_dir, plans, manifest, root_hash, rhash, state, point, ran
         shown: dict[str, float] = {}
 
         while state.step_in_phase < plan.steps:
+            t_step = time.perf_counter()  # data loading included: tokens/s and MFU are end-to-end
             slots = mixture.step_slots(
                 state.data_position, plan.weights, n_windows, plan.seqs_per_step,
                 recipe.seed, root_hash, plan.name, state.step_in_phase,
@@ -512,7 +588,6 @@ def _train(recipe, run_dir, plans, manifest, root_hash, rhash, state, point, ran
             batches = rank_micro_batches(slots, train_readers, rank, world, ph.micro_batch_size, device)
             lr = plan.lr_at(state.step_in_phase)
             abort = None
-            t_step = time.perf_counter()
             result = train_step(engine, batches, lr, stage)
             step_seconds += time.perf_counter() - t_step
             state.step += 1
@@ -520,7 +595,14 @@ def _train(recipe, run_dir, plans, manifest, root_hash, rhash, state, point, ran
             state.tokens += ph.batch_tokens
             tokens_since_log += ph.batch_tokens
 
-            if result.skipped:
+            if result.empty:
+                # not an instability: counted as skipped, without touching the non-finite streak
+                state.skipped_total += 1
+                tel.message(
+                    f"step {state.step} ({plan.name}): no scored target token in the whole global batch: "
+                    f"nothing to learn from, update skipped ({state.skipped_total} skipped in all)"
+                )
+            elif result.skipped:
                 state.skipped_total += 1
                 state.bad_in_a_row += 1
                 tel.message(

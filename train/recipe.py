@@ -1,7 +1,10 @@
 """Recipes: the typed schema of a training run, loading, validation, derived values, DeepSpeed config.
 
-A recipe is a YAML file (loaded with omegaconf, so `${...}` interpolations work) plus `key=value`
-overrides from the command line, converted into the dataclasses below. Every key is checked against
+A recipe is a YAML file plus `key=value` overrides from the command line. The file is read with
+omegaconf only to resolve `${...}` interpolations into a plain dict (so an override does not propagate
+through an interpolation: it sets the resolved value of the key it names); the overrides are then set
+on that dict, and the dict is converted into the dataclasses below by `_build` (no omegaconf structured
+config or merge is involved). Every key is checked against
 the schema (an unknown key gets a did-you-mean), every value against its type, and every invariant
 once, here, before any process group starts. Errors are one line naming the file (or the override)
 and the key path, e.g. `recipes/demo.yaml: phases[1].mixture.gsm8: not in the manifest's sources

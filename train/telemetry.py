@@ -140,6 +140,28 @@ def memory_mb(device: torch.device) -> float:
 # Rank 0's writers
 
 
+def open_metrics(path: Path):
+    """metrics.jsonl opened for appending. A line cut by a kill -9 (the file does not end in a newline)
+    was never complete: it is truncated away first, so the next record starts on a line of its own."""
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                # the last newline, searched backwards in blocks (the file can be large)
+                end = f.seek(0, os.SEEK_END)
+                keep, pos = 0, end
+                while pos > 0:
+                    start = max(0, pos - 65536)
+                    f.seek(start)
+                    cut = f.read(pos - start).rfind(b"\n")
+                    if cut >= 0:
+                        keep = start + cut + 1
+                        break
+                    pos = start
+                f.truncate(keep)
+    return open(path, "a")
+
+
 class Telemetry:
     """metrics.jsonl + optional wandb + a tqdm bar; every method is a no-op off rank 0."""
 
@@ -150,7 +172,7 @@ class Telemetry:
         self.bar = None
         if not self.active:
             return
-        self.metrics = open(run_dir / "metrics.jsonl", "a")
+        self.metrics = open_metrics(run_dir / "metrics.jsonl")
         if recipe.logging.wandb_project and os.environ.get("WANDB_MODE") != "disabled":
             self.wandb = _start_wandb(run_dir, recipe)
         from tqdm import tqdm

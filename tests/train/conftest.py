@@ -123,8 +123,9 @@ phases:
     kind: sft
     mixture: {{chat: 1.0}}
     tokens: 1536
-    seq_len: 64
-    batch_tokens: 256
+    seq_len: 128
+    rope_theta: 40000.0
+    batch_tokens: 512
     micro_batch_size: 2
     lr: {{schedule: cosine, peak: 2.0e-3}}
     optimizer: reset
@@ -133,7 +134,8 @@ phases:
 
 @pytest.fixture
 def tiny_recipe(dataset, tmp_path) -> Path:
-    """A 2-phase recipe on the test dataset (8 + 6 steps of 4 sequences of 64 tokens)."""
+    """A 2-phase recipe on the test dataset: 8 steps of 4 sequences of 64 tokens, then 3 SFT steps of 4
+    sequences of 128 tokens with another RoPE base (the model's shape and settings change between phases)."""
     path = tmp_path / "tiny.yaml"
     path.write_text(
         TINY_RECIPE.format(

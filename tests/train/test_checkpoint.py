@@ -112,3 +112,62 @@ def test_rng_state_round_trip(tmp_path):
     assert np.array_equal(np.random.rand(5), expected[1])
     assert [random.random() for _ in range(5)] == expected[2]
     assert not ck.load_rng(tmp_path, 8)  # no file for a rank the checkpoint did not have
+
+
+def test_every_checkpoint_unusable_is_refused_unless_starting_fresh(tmp_path):
+    (fake_checkpoint(tmp_path, 2) / "mp_rank_00_model_states.pt").write_bytes(b"x" * 10)
+    (fake_checkpoint(tmp_path, 4) / "integrity.json").unlink()
+    for mode in ("auto", "force"):
+        with pytest.raises(UserError) as e:
+            ck.find_resume(tmp_path, "r", "m", mode, log=lambda msg: None)
+        msg = str(e.value)
+        assert "\n" not in msg and "no usable checkpoint" in msg and "--resume never" in msg
+        assert (
+            "step-00000004: no integrity.json (torn" in msg
+            and "step-00000002: mp_rank_00_model_states.pt" in msg
+        )
+    messages = []
+    assert (
+        ck.find_resume(tmp_path, "r", "m", "never", log=messages.append) is None
+    )  # a fresh start is allowed
+    assert len(messages) == 1 and "every checkpoint is unusable" in messages[0]
+    assert ck.set_aside_unusable(tmp_path) == ["unusable-step-00000004", "unusable-step-00000002"]
+    assert ck.committed(tmp_path) == [] and not (tmp_path / "latest").exists()
+    fake_checkpoint(tmp_path, 2)
+    ck.prune(tmp_path, keep_last=1, keep_phase_ends=False)
+    assert (tmp_path / "unusable-step-00000004").is_dir()  # kept for inspection, never scanned or pruned
+    # a usable checkpoint among unusable ones: --resume never is refused, auto resumes from it
+    with pytest.raises(UserError, match=r"has checkpoints \(step-00000002 ...\) and --resume never"):
+        ck.find_resume(tmp_path, "r", "m", "never")
+    assert ck.find_resume(tmp_path, "r", "m", "auto").tag == "step-00000002"
+
+
+def test_a_recommit_cut_between_its_renames_is_found_restored_and_never_pruned(tmp_path):
+    """Killed after moving the old step-4 aside and before renaming the new one in: step 4 exists only as
+    `.tmp-old-step-00000004` (and the finished new copy as `.tmp-step-00000004`)."""
+    fake_checkpoint(tmp_path, 2)
+    fake_checkpoint(tmp_path, 4, payload=b"old")
+    (tmp_path / "step-00000004").rename(tmp_path / (ck.OLD_PREFIX + "step-00000004"))
+    (tmp_path / ".tmp-step-00000004").mkdir()
+    assert ck.committed(tmp_path) == ["step-00000004", "step-00000002"]
+    point = ck.find_resume(tmp_path, "r", "m", "auto")
+    assert point.tag == "step-00000004" and point.dir.name == ".tmp-old-step-00000004"
+    ck.prune(tmp_path, keep_last=2, keep_phase_ends=True)  # only the unfinished .tmp-step-4 goes
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".tmp-old-step-00000004", "latest", "step-00000002"
+    ]  # fmt: skip
+    assert ck.restore(tmp_path, point.tag) == tmp_path / "step-00000004"
+    assert ck.verify(tmp_path / "step-00000004") is None
+    assert (tmp_path / "step-00000004" / "mp_rank_00_model_states.pt").read_bytes().startswith(b"old")
+    assert (tmp_path / "latest").read_text().strip() == "step-00000004"
+    assert ck.committed(tmp_path) == ["step-00000004", "step-00000002"]
+
+    # a damaged set-aside copy is skipped like any damaged checkpoint
+    (tmp_path / "step-00000004").rename(tmp_path / (ck.OLD_PREFIX + "step-00000004"))
+    (tmp_path / (ck.OLD_PREFIX + "step-00000004") / "integrity.json").unlink()
+    assert ck.find_resume(tmp_path, "r", "m", "auto", log=lambda msg: None).tag == "step-00000002"
+
+    # re-committing the step over such a leftover: the new copy wins, no leftover remains
+    d = fake_checkpoint(tmp_path, 4, payload=b"new")
+    assert (d / "mp_rank_00_model_states.pt").read_bytes().startswith(b"new") and ck.verify(d) is None
+    assert not any(p.name.startswith(ck.TMP_PREFIX) for p in tmp_path.iterdir())

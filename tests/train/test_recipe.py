@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -173,27 +174,33 @@ def test_batch_not_divisible_by_world_size_times_micro_batch(tiny_recipe):
     msg = one_line_error(tiny_recipe, [], world=3)
     assert "phases[0].batch_tokens: 256 is not divisible by world size x micro_batch_size x seq_len" in msg
     msg = one_line_error(tiny_recipe, ["phases.second.micro_batch_size=4"], world=2)
-    assert "phases[1].batch_tokens" in msg and "2 x 4 x 64 = 512" in msg
+    assert "phases[1].batch_tokens" in msg and "2 x 4 x 128 = 1024" in msg
 
 
 def test_derived_values_and_learning_rates(tiny_recipe):
     r = load_recipe(tiny_recipe)
     first, second = plan_phases(r, 2)
     assert (first.seqs_per_step, first.grad_accum, first.steps, first.warmup_steps) == (4, 1, 8, 2)
-    assert (second.first_step, second.end_step, second.tokens) == (8, 14, 6 * 256)
+    assert (second.first_step, second.end_step, second.tokens, second.seqs_per_step) == (8, 11, 3 * 512, 4)
+    # the second phase trains the same weights with longer sequences and another RoPE base
+    assert (first.model_cfg.rope_theta, second.model_cfg.rope_theta) == (10000.0, 40000.0)
+    assert dataclasses.replace(
+        second.model_cfg, rope_theta=10000.0, max_seq_len=first.model_cfg.max_seq_len
+    ) == (first.model_cfg)
+    assert second.model_cfg.max_seq_len >= 128
     # wsd: warmup 2 steps, stable, the last 25% (2 steps) decay linearly to 10% of the peak
     assert [first.lr_at(i) for i in range(8)] == pytest.approx(
         [1.5e-3, 3e-3, 3e-3, 3e-3, 3e-3, 3e-3, 3e-3 + (3e-4 - 3e-3) / 2, 3e-4]
     )
-    # cosine from 2e-3 to 2e-4 over 6 steps
-    assert [second.lr_at(i) for i in range(6)] == pytest.approx(
-        [2e-4 + 1.8e-3 * 0.5 * (1 + math.cos(math.pi * i / 5)) for i in range(6)]
+    # cosine from 2e-3 to 2e-4 over 3 steps
+    assert [second.lr_at(i) for i in range(3)] == pytest.approx(
+        [2e-4 + 1.8e-3 * 0.5 * (1 + math.cos(math.pi * i / 2)) for i in range(3)]
     )
     r2 = load_recipe(tiny_recipe, ["phases.second.lr.start=continue", "phases.second.lr.peak=null",
                                    "phases.second.lr.schedule=linear"])  # fmt: skip
     cont = plan_phases(r2, 2)[1]
     assert cont.peak_lr == pytest.approx(3e-4) and cont.lr_at(0) == pytest.approx(3e-4)
-    assert cont.lr_at(5) == pytest.approx(3e-5)
+    assert cont.lr_at(2) == pytest.approx(3e-5)
 
 
 def test_recipe_hash_ignores_paths_and_logging_only(tiny_recipe):
