@@ -11,8 +11,12 @@ Printed:
 - step speed: HF step time / our step time (eager, and with ModelConfig.compile=True);
 - "CPU MFU": model FLOP/s (flops_per_token x tokens / step time) / fp32 matmul FLOP/s, the matmul (a
   2048^3 fp32 matmul) timed in the same rounds;
-- peak memory: the rise of the process's peak RSS during one training step (VmHWM reset through
-  /proc/self/clear_refs, freed memory returned with malloc_trim first), ours / HF;
+- peak memory: the rise of peak RSS during one training step (VmHWM reset through /proc/self/clear_refs,
+  freed memory returned with malloc_trim first), ours / HF, each contestant measured in a fresh
+  subprocess (same seed, same weights, 2 warm-up steps, median of 3 steps), so that one contestant's
+  allocator history does not count against the other. Twice: with glibc's default malloc (whose dynamic
+  mmap threshold keeps freed blocks resident, so the figure includes allocator slack), and with
+  MALLOC_MMAP_THRESHOLD_=65536 (large tensors are mapped and unmapped, so RSS follows the live tensors);
 - the loss alone at vocab 65024 (2048 tokens, d 384): fused chunked linear + cross-entropy vs the naive
   logits + F.cross_entropy, forward + backward, peak memory and time.
 
@@ -27,6 +31,7 @@ import dataclasses
 import gc
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -73,14 +78,15 @@ class Contestant:
         self.name, self.model, self.step_loss = name, model, step_loss
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 
-    def step(self) -> None:
+    def step(self) -> torch.Tensor:
         loss = self.step_loss()
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
 
-def build(compile_ours: bool) -> tuple[list[Contestant], torch.Tensor]:
+def build(compile_ours: bool, quiet: bool = False) -> tuple[list[Contestant], torch.Tensor]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -97,7 +103,8 @@ def build(compile_ours: bool) -> tuple[list[Contestant], torch.Tensor]:
         loss_ours = ours(inputs, targets=targets).loss.item()
         loss_hf = hf(inputs, labels=targets, shift_labels=targets).loss.item()
     assert diff < 1e-4 and abs(loss_ours - loss_hf) < 1e-5, (diff, loss_ours, loss_hf)
-    print(f"same weights: max |logits diff| {diff:.1e}, loss {loss_ours:.6f} vs {loss_hf:.6f}")
+    if not quiet:
+        print(f"same weights: max |logits diff| {diff:.1e}, loss {loss_ours:.6f} vs {loss_hf:.6f}")
     contestants = [
         Contestant("ours", ours, lambda: ours(inputs, targets=targets).loss),
         # same inputs, same targets (shift_labels: already shifted, as ours)
@@ -151,22 +158,63 @@ def loss_memory() -> dict[str, tuple[float, float]]:
     }
 
 
+ALLOCATORS = {"default malloc": {}, "mmap >= 64 KiB": {"MALLOC_MMAP_THRESHOLD_": "65536"}}
+
+
+def memory_child(name: str) -> None:
+    """Run in a fresh subprocess: peak RSS rise (MiB) of one step of contestant `name`, median of 3."""
+    contestants, _ = build(compile_ours=name == "ours+compile", quiet=True)
+    (c,) = [c for c in contestants if c.name == name]
+    del contestants
+    c.step()
+    c.step()
+    print(statistics.median(peak_rss_rise_mib(c.step) for _ in range(3)))
+
+
+def step_memory(names: list[str]) -> dict[str, dict[str, float]]:
+    """{allocator: {contestant: peak RSS rise MiB}}, each contestant in its own fresh process."""
+    out: dict[str, dict[str, float]] = {a: {} for a in ALLOCATORS}
+    for i, (alloc, env) in enumerate(ALLOCATORS.items()):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            run = subprocess.run(
+                [sys.executable, __file__, "--memory-child", name],
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            out[alloc][name] = float(run.stdout.strip().splitlines()[-1])
+    return out
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per contestant per round")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contestant")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: one contestant's memory
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.memory_child:
+        memory_child(args.memory_child)
+        return
+    print(f"start: {load()}")
     n_params = sum(p.numel() for p in Transformer(CFG).parameters())
     print(f"config: {n_params / 1e6:.1f}M params, batch {BATCH} x seq {SEQ}, fp32, 2 threads, AdamW")
 
     contestants, _ = build(compile_ours=not args.no_compile)
+    first_loss = {}
     for c in contestants:  # warm-up: allocator, optimizer state, compilation
         t = time.perf_counter()
+        first_loss[c.name] = c.step().item()  # same weights everywhere before this first update
         c.step()
-        c.step()
-        print(f"warm-up {c.name}: {time.perf_counter() - t:.1f} s")
+        print(f"warm-up {c.name}: {time.perf_counter() - t:.1f} s, first-step loss {first_loss[c.name]:.6f}")
+    spread = max(first_loss.values()) - min(first_loss.values())
+    assert spread < 1e-4, f"contestants disagree before timing: {first_loss}"
 
     flops_per_step = flops_per_token(CFG, SEQ) * BATCH * SEQ
     wall: dict[str, list[float]] = {c.name: [] for c in contestants}
@@ -184,13 +232,14 @@ def main() -> None:
                 c.step()
             wall[c.name].append((time.perf_counter() - t) / args.steps)
             cpu[c.name].append((time.process_time() - p) / args.steps)
-        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in wall.items()))
+        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in wall.items()) + f"; {load()}")
 
-    memory: dict[str, list[float]] = {c.name: [] for c in contestants}
-    for r in range(2):
-        for c in contestants[r % len(contestants) :] + contestants[: r % len(contestants)]:
-            memory[c.name].append(peak_rss_rise_mib(c.step))
+    names = [c.name for c in contestants]
+    del contestants
+    gc.collect()
+    memory = step_memory(names)
     loss_mem = loss_memory()
+    print(f"end: {load()}")
 
     rows = []
     for clock, times, mm in (("wall", wall, matmul_wall), ("cpu", cpu, matmul_cpu)):
@@ -204,18 +253,18 @@ def main() -> None:
                 (f"model / matmul FLOP/s: {name} ({clock})", mfu, "goal >= 0.7" if name != "hf" else "")
             )
     print()
-    print(f"{'measure (per-round ratios)':<46} {'median  [min - max]':<22} goal")
+    print(f"{'measure (per-round ratios)':<58} {'median  [min - max]':<22} goal")
     for label, values, goal in rows:
-        print(f"{label:<46} {summary(values):<22} {goal}")
-    mem_hf = statistics.median(memory["hf"])
-    for name in ("ours", "ours+compile"):
-        if name in memory:
-            m = statistics.median(memory[name])
-            label = f"peak step memory {name} / hf"
-            print(f"{label:<46} {m / mem_hf:6.2f}  ({m:.0f} vs {mem_hf:.0f} MiB)  goal <= 0.6")
+        print(f"{label:<58} {summary(values):<22} {goal}")
+    for alloc, mem in memory.items():
+        for name in ("ours", "ours+compile"):
+            if name in mem:
+                label = f"peak step memory {name} / hf ({alloc})"
+                m, h = mem[name], mem["hf"]
+                print(f"{label:<58} {m / h:6.2f}  ({m:.0f} vs {h:.0f} MiB)  goal <= 0.6")
     (fm, ft), (nm, nt) = loss_mem["fused"], loss_mem["naive"]
-    print(f"{'loss V=65024: memory fused / naive':<46} {fm / nm:6.2f}  ({fm:.0f} vs {nm:.0f} MiB)")
-    print(f"{'loss V=65024: time naive / fused':<46} {nt / ft:6.2f}  ({nt:.2f} vs {ft:.2f} s)")
+    print(f"{'loss V=65024: memory fused / naive':<58} {fm / nm:6.2f}  ({fm:.0f} vs {nm:.0f} MiB)")
+    print(f"{'loss V=65024: time naive / fused':<58} {nt / ft:6.2f}  ({nt:.2f} vs {ft:.2f} s)")
     print(
         f"matmul fp32 2048^3: {statistics.median(matmul_wall) / 1e9:.0f} GFLOP/s wall, "
         f"{statistics.median(matmul_cpu) / 1e9:.0f} per CPU-second (medians over rounds)"

@@ -306,9 +306,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool
     half = x.shape[-1] // 2
     c, s = cos[..., :half], sin[..., :half]  # (B or 1, T, 1, Dh/2)
     x1, x2 = x[..., :half], x[..., half:]  # each (B, T, H, Dh/2)
+    sign = 1.0 if inverse else -1.0
+    if torch.compiler.is_compiling():
+        # Dynamo mis-traces out= writes into views inside an autograd.Function; Inductor fuses this anyway.
+        return torch.cat((x1 * c + sign * (x2 * s), x2 * c - sign * (x1 * s)), dim=-1)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous: .view() after it is free
     o1, o2 = out[..., :half], out[..., half:]
-    sign = 1.0 if inverse else -1.0
     torch.mul(x1, c, out=o1).addcmul_(x2, s, value=sign)  # x1 c -/+ x2 s
     torch.mul(x2, c, out=o2).addcmul_(x1, s, value=-sign)  # x2 c +/- x1 s
     return out
