@@ -41,19 +41,12 @@ def _check_entry(entry: object, where: str) -> dict:
 
 
 def read_entries(path: str | Path) -> list[dict]:
+    from tokenizer.files import iter_jsonl
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such opt-out file")
-    entries = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-        entries.append(_check_entry(entry, f"{path}:{lineno}"))
-    return entries
+    return [_check_entry(entry, f"{path}:{lineno}") for lineno, entry in iter_jsonl(path)]
 
 
 def optout_set(entries: list[dict]) -> OptOutSet:

@@ -61,24 +61,16 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def read_qa(path: str | os.PathLike, limit: int) -> list[dict]:
-    """Question/answer records from a jsonl file, with file:line errors."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
+    """The first `limit` question/answer records of a jsonl file, with file:line errors."""
+    from tokenizer.files import iter_jsonl
+
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if len(records) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-            if not isinstance(rec, dict) or "question" not in rec or "answer" not in rec:
-                raise UserError(f'{path}:{n}: expected an object with "question" and "answer"')
-            records.append(rec)
+    for n, rec in iter_jsonl(path):
+        if len(records) >= limit:
+            break
+        if not isinstance(rec, dict) or "question" not in rec or "answer" not in rec:
+            raise UserError(f'{path}:{n}: expected an object with "question" and "answer"')
+        records.append(rec)
     if not records:
         raise UserError(f"{path}: no questions")
     return records

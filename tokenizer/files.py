@@ -54,11 +54,12 @@ def expand_inputs(inputs: list[str | os.PathLike]) -> list[Path]:
     return paths
 
 
-def iter_documents(path: Path, field: str = "text") -> Iterator[str]:
-    """The documents of one file: the whole text of a text file, or `field` of each line of a .jsonl file."""
-    if path.suffix not in JSONL_SUFFIXES:
-        yield read_text(path)
-        return
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """(line number, record) for each non-blank line of a JSON-lines file: strict UTF-8, split on
+    '\n' only, and one error naming the file and line for a missing file, bad bytes or bad JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
     offset = 0
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
@@ -67,10 +68,18 @@ def iter_documents(path: Path, field: str = "text") -> Iterator[str]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield line_no, json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            value = record.get(field) if isinstance(record, dict) else None
-            if not isinstance(value, str):
-                raise UserError(f"{path}:{line_no}: no string field {field!r} (use --field to pick another)")
-            yield value
+
+
+def iter_documents(path: Path, field: str = "text") -> Iterator[str]:
+    """The documents of one file: the whole text of a text file, or `field` of each line of a .jsonl file."""
+    if path.suffix not in JSONL_SUFFIXES:
+        yield read_text(path)
+        return
+    for line_no, record in iter_jsonl(path):
+        value = record.get(field) if isinstance(record, dict) else None
+        if not isinstance(value, str):
+            raise UserError(f"{path}:{line_no}: no string field {field!r} (use --field to pick another)")
+        yield value

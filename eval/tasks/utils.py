@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import datasets
 
 from eval.maths import is_correct
+from tokenizer.files import iter_jsonl
 
 DATA = Path(__file__).resolve().parent / "data"
 
@@ -15,8 +15,7 @@ DATA = Path(__file__).resolve().parent / "data"
 def load_jsonl(file: str, **_metadata) -> datasets.DatasetDict:
     """A task's data as a single "test" split, read from eval/tasks/data/ (no download, no cache).
     The harness passes the task's metadata (version…) along with `file`; they are not needed here."""
-    with open(DATA / file, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = [record for _, record in iter_jsonl(DATA / file)]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(records)})
 
 

@@ -29,3 +29,10 @@ def test_read_qa_bad_input_names_file_and_line(tmp_path, content, message):
 def test_read_qa_missing_file(tmp_path):
     with pytest.raises(UserError, match="nope.jsonl: no such file"):
         read_qa(tmp_path / "nope.jsonl", 10)
+
+
+def test_read_qa_invalid_utf8_names_file_line_and_byte(tmp_path):
+    f = tmp_path / "qa.jsonl"
+    f.write_bytes(b'{"question": "1+1", "answer": "2"}\n{"question": "caf\xe9", "answer": "2"}\n')
+    with pytest.raises(UserError, match=r"qa\.jsonl: invalid UTF-8 at byte 52 \(line 2\)"):
+        read_qa(f, 10)
