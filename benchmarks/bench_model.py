@@ -11,6 +11,11 @@ Printed:
 - step speed: HF step time / our step time (eager, and with ModelConfig.compile=True);
 - "CPU MFU": model FLOP/s (flops_per_token x tokens / step time) / fp32 matmul FLOP/s, the matmul (a
   2048^3 fp32 matmul) timed in the same rounds;
+- the ceiling: HF's step time / the time the model's FLOPs take at that matmul speed, i.e. how much
+  faster than HF any implementation of the same maths could be on this machine (if every FLOP ran as
+  fast as a large square matmul and nothing else took time);
+- where one step's CPU time goes (torch.profiler self time): matmuls, the attention kernel, the rest
+  (elementwise ops, the loss's softmax, the optimizer);
 - peak memory: the rise of peak RSS during one training step (VmHWM reset through /proc/self/clear_refs,
   freed memory returned with malloc_trim first), ours / HF, each contestant measured in a fresh
   subprocess (same seed, same weights, 2 warm-up steps, median of 3 steps), so that one contestant's
@@ -187,6 +192,28 @@ def step_memory(names: list[str]) -> dict[str, dict[str, float]]:
     return out
 
 
+def time_breakdown(contestants: list[Contestant]) -> dict[str, dict[str, float]]:
+    """Seconds per step in matmuls, in the attention kernel and in everything else, from one profiled
+    step per contestant (torch.profiler self CPU time, divided by the threads that ran it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    for c in contestants:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            c.step()
+        parts = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+        for e in prof.key_averages():
+            key = e.key
+            part = "matmul" if key in MATMUL_OPS else "attention" if "scaled_dot_product" in key else "other"
+            parts[part] += e.self_cpu_time_total / 1e6
+        total = sum(parts.values())
+        out[c.name] = {k: v / total for k, v in parts.items()}
+    return out
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::matmul"}
+
+
 def load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
@@ -234,6 +261,7 @@ def main() -> None:
             cpu[c.name].append((time.process_time() - p) / args.steps)
         print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in wall.items()) + f"; {load()}")
 
+    breakdown = time_breakdown(contestants)
     names = [c.name for c in contestants]
     del contestants
     gc.collect()
@@ -265,6 +293,13 @@ def main() -> None:
     (fm, ft), (nm, nt) = loss_mem["fused"], loss_mem["naive"]
     print(f"{'loss V=65024: memory fused / naive':<58} {fm / nm:6.2f}  ({fm:.0f} vs {nm:.0f} MiB)")
     print(f"{'loss V=65024: time naive / fused':<58} {nt / ft:6.2f}  ({nt:.2f} vs {ft:.2f} s)")
+    # A model running every FLOP at the matmul's speed would be 1 / (hf's ratio) times faster than hf:
+    # the most any implementation of the same maths can gain here.
+    ceiling = [mm / (flops_per_step / h) for h, mm in zip(wall["hf"], matmul_wall)]
+    print(f"{'ceiling: hf step / (model FLOPs at matmul FLOP/s) (wall)':<58} {summary(ceiling)}")
+    print("\nshare of one step's CPU time (torch.profiler):  matmul  attention  other")
+    for name, parts in breakdown.items():
+        print(f"  {name:<45} {parts['matmul']:6.0%}  {parts['attention']:9.0%}  {parts['other']:5.0%}")
     print(
         f"matmul fp32 2048^3: {statistics.median(matmul_wall) / 1e9:.0f} GFLOP/s wall, "
         f"{statistics.median(matmul_cpu) / 1e9:.0f} per CPU-second (medians over rounds)"

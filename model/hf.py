@@ -1,6 +1,7 @@
 """Conversion between our state dict / config and Hugging Face `LlamaForCausalLM`.
 
-Weights need renaming only, no reshaping: our RoPE uses the same "rotate_half" layout as Hugging Face
+Weights need renaming, and our stacked matrices splitting (attention `wqkv` = q, k, v projections;
+MLP `w13` = gate, up, stacked by rows), nothing else: our RoPE uses the same "rotate_half" layout as Hugging Face
 Llama (the two halves of a head are rotated together), so q/k projections are stored as transformers
 expects them. (Meta's original checkpoints use the interleaved layout; converting those needs the
 permutation in transformers' convert_llama_weights_to_hf.py, which we never need.)
@@ -15,24 +16,11 @@ never produced by our tokenizer and never targets.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
 from model.llama import ModelConfig, RopeScaling
 
-# our name pattern -> Hugging Face name pattern ({i} = layer index)
-_LAYER_NAMES = {
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
 _TOP_NAMES = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
@@ -40,31 +28,35 @@ _TOP_NAMES = {
 }
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Our parameter names and shapes for cfg (output.weight included even when tied)."""
+def _parts(cfg: ModelConfig) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """Each of our parameter names -> the Hugging Face parameters it holds, in row order, with their
+    shapes. Our stacked matrices (`wqkv`, `w13`) hold several: their rows are the Hugging Face matrices
+    one after the other (q, k, v; gate, up). output.weight is listed even when tied."""
     D, F_, V, Dh = cfg.dim, cfg.ffn_dim, cfg.padded_vocab_size, cfg.head_dim
     layer = {
-        "attention.wq.weight": (cfg.n_heads * Dh, D),
-        "attention.wk.weight": (cfg.n_kv_heads * Dh, D),
-        "attention.wv.weight": (cfg.n_kv_heads * Dh, D),
-        "attention.wo.weight": (D, cfg.n_heads * Dh),
-        "feed_forward.w1.weight": (F_, D),
-        "feed_forward.w3.weight": (F_, D),
-        "feed_forward.w2.weight": (D, F_),
-        "attention_norm.weight": (D,),
-        "ffn_norm.weight": (D,),
+        "attention.wqkv.weight": [
+            ("self_attn.q_proj.weight", (cfg.n_heads * Dh, D)),
+            ("self_attn.k_proj.weight", (cfg.n_kv_heads * Dh, D)),
+            ("self_attn.v_proj.weight", (cfg.n_kv_heads * Dh, D)),
+        ],
+        "attention.wo.weight": [("self_attn.o_proj.weight", (D, cfg.n_heads * Dh))],
+        "feed_forward.w13.weight": [("mlp.gate_proj.weight", (F_, D)), ("mlp.up_proj.weight", (F_, D))],
+        "feed_forward.w2.weight": [("mlp.down_proj.weight", (D, F_))],
+        "attention_norm.weight": [("input_layernorm.weight", (D,))],
+        "ffn_norm.weight": [("post_attention_layernorm.weight", (D,))],
     }
-    shapes = {"tok_embeddings.weight": (V, D), "norm.weight": (D,), "output.weight": (V, D)}
+    top = {"tok_embeddings.weight": (V, D), "norm.weight": (D,), "output.weight": (V, D)}
+    parts = {name: [(_TOP_NAMES[name], shape)] for name, shape in top.items()}
     for i in range(cfg.n_layers):
-        shapes.update({f"layers.{i}.{k}": s for k, s in layer.items()})
-    return shapes
+        for name, hf in layer.items():
+            parts[f"layers.{i}.{name}"] = [(f"model.layers.{i}.{h}", shape) for h, shape in hf]
+    return parts
 
 
-def _hf_name(ours: str) -> str:
-    if ours in _TOP_NAMES:
-        return _TOP_NAMES[ours]
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)", ours)
-    return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}"
+def _stacked_shape(hf: list[tuple[str, tuple[int, ...]]]) -> tuple[int, ...]:
+    """Our shape for a parameter holding the Hugging Face matrices `hf` stacked by rows."""
+    shapes = [shape for _, shape in hf]
+    return (sum(s[0] for s in shapes), *shapes[0][1:])
 
 
 def _check_keys(given: set[str], wanted: set[str], side: str) -> None:
@@ -81,38 +73,44 @@ def _check_shape(name: str, t: torch.Tensor, shape: tuple[int, ...], side: str) 
 
 
 def to_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our state dict (Transformer.state_dict()) -> Hugging Face LlamaForCausalLM names (same tensors)."""
-    shapes = _expected_shapes(cfg)
-    wanted = set(shapes)
+    """Our state dict (Transformer.state_dict()) -> Hugging Face LlamaForCausalLM names. Unstacked
+    parameters are the same tensors; the parts of a stacked one (wqkv, w13) are copies (safetensors
+    refuses tensors that share memory)."""
+    parts = _parts(cfg)
     given = set(state_dict)
     if cfg.tie_embeddings:
         given.add("output.weight")  # optional on our side: it is the embedding
-    _check_keys(given, wanted, "our")
+    _check_keys(given, set(parts), "our")
     out = {}
-    for name, shape in shapes.items():
+    for name, hf in parts.items():
         if cfg.tie_embeddings and name == "output.weight":
             continue
-        _check_shape(name, state_dict[name], shape, "our")
-        out[_hf_name(name)] = state_dict[name]
+        _check_shape(name, state_dict[name], _stacked_shape(hf), "our")
+        if len(hf) == 1:
+            out[hf[0][0]] = state_dict[name]
+            continue
+        pieces = state_dict[name].split([shape[0] for _, shape in hf], dim=0)
+        out.update({hf_name: piece.clone() for (hf_name, _), piece in zip(hf, pieces)})
     return out
 
 
 def from_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Hugging Face LlamaForCausalLM state dict -> ours, loadable with Transformer.load_state_dict
     (strict). With tied embeddings `lm_head.weight` may be absent; output.weight is then the embedding."""
-    shapes = _expected_shapes(cfg)
-    to_ours = {_hf_name(n): n for n in shapes}
+    parts = _parts(cfg)
     given = {k for k in state_dict if not k.endswith("rotary_emb.inv_freq")}  # old transformers saved it
-    wanted = set(to_ours)
+    wanted = {hf_name for hf in parts.values() for hf_name, _ in hf}
     if cfg.tie_embeddings:
         given.add("lm_head.weight")
     _check_keys(given, wanted, "Hugging Face")
     out = {}
-    for hf_name, name in to_ours.items():
+    for name, hf in parts.items():
         if cfg.tie_embeddings and name == "output.weight":
             continue
-        _check_shape(hf_name, state_dict[hf_name], shapes[name], "Hugging Face")
-        out[name] = state_dict[hf_name]
+        for hf_name, shape in hf:
+            _check_shape(hf_name, state_dict[hf_name], shape, "Hugging Face")
+        tensors = [state_dict[hf_name] for hf_name, _ in hf]
+        out[name] = tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=0)
     if cfg.tie_embeddings:
         out["output.weight"] = out["tok_embeddings.weight"]
     return out

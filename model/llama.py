@@ -14,7 +14,8 @@ Architecture choices (each one is a line of code below):
 - Causal attention with document masking: when `position_ids` are given, a document starts wherever
   position_ids == 0, a token attends only to earlier tokens of its own document, and RoPE uses those
   positions (they restart at 0 at each document start).
-- SwiGLU MLP: W2(silu(W1 x) * W3 x).
+- SwiGLU MLP: W2(silu(W1 x) * W3 x), W1 and W3 stacked in one matrix `w13` (one matmul); likewise the
+  q, k, v projections in `wqkv`. model/hf.py splits them into Hugging Face's separate matrices.
 - No biases anywhere. Input embedding and output head tied or untied (`tie_embeddings`).
 - Vocabulary padded up to a multiple of `vocab_multiple` (fast matmuls); padded ids are never targets.
 - The loss is cross-entropy fused with the output projection, computed in chunks: the (tokens x vocab)
@@ -374,19 +375,21 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         H, H_kv, Dh, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.dim
-        self.wq = nn.Linear(D, H * Dh, bias=False)
-        self.wk = nn.Linear(D, H_kv * Dh, bias=False)
-        self.wv = nn.Linear(D, H_kv * Dh, bias=False)
+        # q, k and v projections stacked in one matrix (rows: H*Dh of q, then H_kv*Dh of k, then of v):
+        # one matmul forward and one for the input gradient instead of three (and two adds).
+        self.wqkv = nn.Linear(D, (H + 2 * H_kv) * Dh, bias=False)
         self.wo = nn.Linear(H * Dh, D, bias=False)
+        self.qkv_split = (H * Dh, H_kv * Dh, H_kv * Dh)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: ops.Mask, cache: KVCache | None
     ) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, cfg.n_heads, cfg.head_dim)  # (B, T, H, Dh)
-        k = self.wk(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)  # (B, T, H_kv, Dh)
-        v = self.wv(x).view(B, T, cfg.n_kv_heads, cfg.head_dim)  # (B, T, H_kv, Dh)
+        q, k, v = self.wqkv(x).split(self.qkv_split, dim=-1)  # (B, T, H*Dh), (B, T, H_kv*Dh) x 2
+        q = q.view(B, T, cfg.n_heads, cfg.head_dim)  # (B, T, H, Dh)
+        k = k.view(B, T, cfg.n_kv_heads, cfg.head_dim)  # (B, T, H_kv, Dh)
+        v = v.view(B, T, cfg.n_kv_heads, cfg.head_dim)  # (B, T, H_kv, Dh)
         if cfg.kernels == "reference":
             q, k = apply_rope(q, k, cos, sin)
         else:
@@ -409,7 +412,7 @@ class Attention(nn.Module):
 
 
 class DownProjection(nn.Linear):
-    """w2(silu(gate) * up): the MLP's down projection taking gate and up, so that the fused op can recompute
+    """w2(silu(gate) * up): the MLP's down projection taking [gate, up], so that the fused op can recompute
     the (B, T, F) activation in backward instead of keeping it. A module (state-dict name `w2.weight`) so
     that engines that gather parameters per module call (ZeRO-3) see its weight in use."""
 
@@ -417,21 +420,22 @@ class DownProjection(nn.Linear):
         super().__init__(cfg.ffn_dim, cfg.dim, bias=False)
         self.kernels = cfg.kernels
 
-    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         if self.kernels == "reference":
+            gate, up = gate_up.chunk(2, dim=-1)  # each (B, T, F)
             return F.linear(F.silu(gate) * up, self.weight)  # (B, T, F) -> (B, T, D)
-        return ops.swiglu_down(gate, up, self.weight, self.kernels)
+        return ops.swiglu_down(gate_up, self.weight, self.kernels)
 
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
-        self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
+        # gate (w1) and up (w3) projections stacked in one matrix: rows [0, F) gate, [F, 2F) up.
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)
         self.w2 = DownProjection(cfg)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self.w1(x), self.w3(x))  # gate, up (B, T, F) -> (B, T, D)
+        return self.w2(self.w13(x))  # [gate, up] (B, T, 2F) -> (B, T, D)
 
 
 class Block(nn.Module):
@@ -497,7 +501,7 @@ class Transformer(nn.Module):
                 nn.init.ones_(p)
             elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=residual_std)
-            else:  # embedding (= head when tied), head, wq, wk, wv, w1, w3
+            else:  # embedding (= head when tied), head, wqkv, w13
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def num_params(self, include_embedding: bool = True) -> int:

@@ -269,33 +269,44 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, kernels: str) -> torch.Tensor:
 
 
 class _SwiGLUDown(torch.autograd.Function):
-    """w2(silu(gate) * up) saving gate, up and w2's weight only: the (B, T, F) activation that the down
-    projection would otherwise keep for its weight gradient is recomputed in backward (one cheap
-    elementwise pass), which removes one F-wide tensor per layer from the activation memory."""
+    """w2(silu(gate) * up) for gate_up = [gate, up] (the stacked w13 output), saving gate_up and w2's
+    weight only: the (B, T, F) activation that the down projection would otherwise keep for its weight
+    gradient is recomputed in backward (one cheap elementwise pass), which removes one F-wide tensor per
+    layer from the activation memory. The input gradient is written straight into one [gate, up] tensor."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate, up, weight)
+    def forward(ctx, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_up, weight)
+        gate, up = gate_up.chunk(2, dim=-1)  # each (..., F)
         return F.linear(F.silu(gate) * up, weight)  # (..., F) -> (..., D)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        gate, up, weight = ctx.saved_tensors
+        gate_up, weight = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)  # each (..., F)
         silu = F.silu(gate)  # (..., F)
         grad_2d = grad.reshape(-1, grad.shape[-1])  # (N, D)
         grad_weight = grad_2d.t() @ (silu * up).reshape(-1, gate.shape[-1])  # (D, F)
         grad_act = (grad_2d @ weight).view(gate.shape)  # (..., F)
-        grad_up = grad_act * silu
-        grad_gate = torch.ops.aten.silu_backward(grad_act.mul_(up), gate)  # grad_act * up * silu'(gate)
-        return grad_gate, grad_up, grad_weight
+        if torch.compiler.is_compiling():  # no out= writes into views under Dynamo (see _rotate)
+            grad_up = grad_act * silu
+            grad_gate = torch.ops.aten.silu_backward(grad_act * up, gate)
+            return torch.cat((grad_gate, grad_up), dim=-1), grad_weight
+        grad_gate_up = torch.empty_like(gate_up)  # (..., 2F)
+        grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+        torch.mul(grad_act, silu, out=grad_up)
+        # grad_act * up * silu'(gate), fused
+        torch.ops.aten.silu_backward.grad_input(grad_act.mul_(up), gate, grad_input=grad_gate)
+        return grad_gate_up, grad_weight
 
 
-def swiglu_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, kernels: str) -> torch.Tensor:
-    """(silu(gate) * up) @ weight^T: the SwiGLU MLP after its two input projections. gate, up (..., F),
-    weight (D, F). Returns (..., D)."""
-    if use_liger(kernels, gate):
-        return F.linear(swiglu(gate, up, kernels), weight)
-    return _SwiGLUDown.apply(gate, up, weight)
+def swiglu_down(gate_up: torch.Tensor, weight: torch.Tensor, kernels: str) -> torch.Tensor:
+    """(silu(gate) * up) @ weight^T: the SwiGLU MLP after its input projection. gate_up (..., 2F) is
+    [gate, up] along the last dim, weight (D, F). Returns (..., D)."""
+    if use_liger(kernels, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.linear(swiglu(gate.contiguous(), up.contiguous(), kernels), weight)
+    return _SwiGLUDown.apply(gate_up, weight)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:

@@ -3,8 +3,27 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import corpus.loader
 from corpus.loader import PackedReader
 from corpus.shards import Shard, write_shard
+
+# batch() computes positions by slices (few document starts) or by a vectorised pass (many), and takes
+# its windows' rows from the table built at open or (a corpus past TABLE_LIMIT_BYTES) computes them per
+# batch: test every combination. name -> (VECTORISE_ABOVE, TABLE_LIMIT_BYTES)
+PATHS = {
+    "slices": (1e9, 1 << 40),
+    "vectorised": (-1.0, 1 << 40),
+    "slices-no-table": (1e9, 0),
+    "vectorised-no-table": (-1.0, 0),
+}
+
+
+@pytest.fixture(params=sorted(PATHS))
+def path(request, monkeypatch):
+    vectorise_above, table_limit = PATHS[request.param]
+    monkeypatch.setattr(corpus.loader, "VECTORISE_ABOVE", vectorise_above)
+    monkeypatch.setattr(corpus.loader, "TABLE_LIMIT_BYTES", table_limit)
+    return request.param
 
 
 def _docs(rng: np.random.Generator, n: int, with_mask: bool):
@@ -34,9 +53,35 @@ def _reference(docs, seq_len: int, i: int):
     return np.array(tok), np.array(pos[:-1]), np.array(loss)
 
 
+def _write(tmp_path, parts) -> list:
+    prefixes = []
+    for k, docs in enumerate(parts):
+        write_shard(tmp_path / f"{k:05d}", docs)
+        prefixes.append(tmp_path / f"{k:05d}")
+    return prefixes
+
+
+def _check_all_windows(reader: PackedReader, docs, rng: np.random.Generator) -> None:
+    """Every window equals the reference, alone and in shuffled batches (repeats included)."""
+    refs = [_reference(docs, reader.seq_len, i) for i in range(len(reader))]
+    for i, ref in enumerate(refs):
+        tokens, positions, loss = reader[i]
+        assert tokens.dtype == np.int64 and positions.dtype == np.int64 and loss.dtype == bool
+        for got, want in zip((tokens, positions, loss), ref):
+            np.testing.assert_array_equal(got, want)
+    idx = np.concatenate([rng.permutation(len(reader)), rng.integers(0, len(reader), 5)])
+    for chunk in np.array_split(idx, max(1, len(idx) // 7)):
+        batch = reader.batch(chunk)
+        B, T = len(chunk), reader.seq_len
+        assert [a.shape for a in batch] == [(B, T + 1), (B, T), (B, T)]
+        for row, i in enumerate(chunk):
+            for got, want in zip(batch, refs[i]):
+                np.testing.assert_array_equal(got[row], want)
+
+
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("seq_len", [1, 7, 64])
-def test_windows_equal_the_reference_across_shards(tmp_path, with_mask, seq_len):
+def test_windows_equal_the_reference_across_shards(tmp_path, with_mask, seq_len, path):
     rng = np.random.default_rng(seq_len + with_mask)
     parts = [_docs(rng, n, with_mask) for n in (30, 0, 1, 17)]  # an empty shard too
     prefixes = []
@@ -59,6 +104,77 @@ def test_windows_equal_the_reference_across_shards(tmp_path, with_mask, seq_len)
     for row, i in enumerate(idx):
         for got, want in zip(batch, reader[int(i)]):
             np.testing.assert_array_equal(got[row], want)
+
+
+def test_windows_over_many_tiny_and_empty_documents(tmp_path, path):
+    # Documents of 0 to 3 tokens: a window of 16 holds many starts, some sharing a column (empty docs).
+    rng = np.random.default_rng(3)
+    docs = [rng.integers(6, 500, int(rng.integers(0, 4))).astype(np.uint32) for _ in range(150)]
+    docs[0] = np.array([1, 7], dtype=np.uint32)  # the data does not start with an empty document
+    reader = PackedReader(_write(tmp_path, [docs[:70], docs[70:]]), 16)
+    _check_all_windows(reader, docs, rng)
+
+
+def test_windows_crossing_several_shards_with_mixed_chat_masks(tmp_path, path):
+    # Shards of 1 to 3 short documents: a window of 24 spans up to ~6 shards; one shard in two carries
+    # a chat loss mask, the others none (scored everywhere but at document starts).
+    rng = np.random.default_rng(4)
+    parts, docs = [], []
+    for k in range(14):
+        part = _docs(rng, int(rng.integers(1, 4)), with_mask=k % 2 == 0)
+        parts.append(part)
+        docs += part
+    reader = PackedReader(_write(tmp_path, parts), 24)
+    assert reader.has_mask and (reader._window_rows(np.arange(len(reader)))[:, 0] == -1).sum() >= 3
+    _check_all_windows(reader, docs, rng)
+
+
+def test_windows_deeper_than_the_ramp(tmp_path, monkeypatch, path):
+    # Long documents with a ramp of 20 entries: most windows start too deep to take their row from it.
+    monkeypatch.setattr(corpus.loader, "RAMP_LIMIT", 20)
+    rng = np.random.default_rng(5)
+    docs = [rng.integers(6, 500, n).astype(np.uint32) for n in (300, 5, 211)]
+    reader = PackedReader(_write(tmp_path, [docs]), 8)
+    rows = reader._window_rows(np.arange(len(reader)))
+    assert len(reader._ramp) == 20 and (rows[:, 1] == -1).sum() > len(reader) // 2
+    assert (reader._windows is None) == path.endswith("no-table")
+    _check_all_windows(reader, docs, rng)
+
+
+def test_window_table_equals_a_direct_computation(tmp_path):
+    rng = np.random.default_rng(6)
+    parts = [_docs(rng, n, False) for n in (9, 0, 4, 13)]
+    reader = PackedReader(_write(tmp_path, parts), 10)
+    lengths = [len(d) for part in parts for d in part]
+    doc_starts = np.concatenate([[0], np.cumsum(lengths)])[:-1].tolist()
+    shard_bounds = np.cumsum([0] + [sum(len(d) for d in part) for part in parts]).tolist()
+    T = reader.seq_len
+    for w, (shard, ramp_row, n_starts, first) in enumerate(reader._windows.tolist()):
+        start, end = w * T, w * T + T + 1
+        inside = [k for k in range(len(parts)) if shard_bounds[k] <= start and end <= shard_bounds[k + 1]]
+        assert shard == (inside[0] if inside else -1)
+        holding = max(d for d, s in enumerate(doc_starts) if s <= start and lengths[d] > 0)
+        assert first == holding and ramp_row == start - doc_starts[holding]
+        assert n_starts == sum(start < s <= start + T for s in doc_starts)
+    assert reader._windows.dtype == np.int32 and reader._windows.shape == (len(reader), 4)
+    # The rows a batch computes for itself (a corpus past TABLE_LIMIT_BYTES) are the table's rows.
+    some = np.array([3, 0, len(reader) - 1, 3])
+    np.testing.assert_array_equal(reader._window_rows(some), reader._windows[some])
+    np.testing.assert_array_equal(reader._ramp_rows[3], np.arange(3, 3 + T + 1))
+
+
+def test_batch_edge_cases(tmp_path):
+    write_shard(tmp_path / "a", _docs(np.random.default_rng(7), 20, True))
+    reader = PackedReader([tmp_path / "a"], 8)
+    tokens, positions, loss = reader.batch([])
+    assert tokens.shape == (0, 9) and positions.shape == (0, 8) and loss.shape == (0, 8)
+    assert tokens.dtype == positions.dtype == np.int64 and loss.dtype == bool
+    with pytest.raises(IndexError, match=r"window index out of range \[0, "):
+        reader.batch([0, -1])
+    with pytest.raises(IndexError, match="out of range"):
+        reader.batch(np.array([len(reader)]))
+    for got, want in zip(reader[-1], reader[len(reader) - 1]):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_order_is_a_seeded_permutation_and_bounds_are_checked(tmp_path):

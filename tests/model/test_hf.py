@@ -111,12 +111,23 @@ def test_hf_config_loads_in_transformers_and_back(case):
 def test_bad_state_dicts_and_configs_are_named():
     ours, theirs = pair(TINY)
     sd = ours.state_dict()
-    with pytest.raises(ValueError, match="our state dict: missing key layers.1.attention.wk.weight"):
-        to_hf({k: v for k, v in sd.items() if k != "layers.1.attention.wk.weight"}, TINY)
+    with pytest.raises(ValueError, match="our state dict: missing key layers.1.attention.wqkv.weight"):
+        to_hf({k: v for k, v in sd.items() if k != "layers.1.attention.wqkv.weight"}, TINY)
     with pytest.raises(
-        ValueError, match=r"our state dict: layers.0.attention.wq.weight has shape \(64, 32\)"
+        ValueError,
+        match=r"our state dict: layers.0.attention.wqkv.weight has shape \(64, 32\), the config needs \(128, 64\)",
     ):
-        to_hf(dict(sd, **{"layers.0.attention.wq.weight": torch.zeros(64, 32)}), TINY)
+        to_hf(dict(sd, **{"layers.0.attention.wqkv.weight": torch.zeros(64, 32)}), TINY)
+    hf_sd = theirs.state_dict()
+    with pytest.raises(
+        ValueError, match="Hugging Face state dict: missing key model.layers.0.mlp.up_proj.weight"
+    ):
+        from_hf({k: v for k, v in hf_sd.items() if k != "model.layers.0.mlp.up_proj.weight"}, TINY)
+    with pytest.raises(
+        ValueError,
+        match=r"Hugging Face state dict: model.layers.1.self_attn.k_proj.weight has shape \(64, 64\)",
+    ):
+        from_hf(dict(hf_sd, **{"model.layers.1.self_attn.k_proj.weight": torch.zeros(64, 64)}), TINY)
     with pytest.raises(ValueError, match="Hugging Face state dict: unexpected key model.extra"):
         from_hf(dict(theirs.state_dict(), **{"model.extra": torch.zeros(1)}), TINY)
     with pytest.raises(ValueError, match="config.json model_type='mistral'"):

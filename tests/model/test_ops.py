@@ -35,10 +35,11 @@ def test_swiglu_function_gradcheck_and_forward():
 
 def test_swiglu_down_function_gradcheck_and_forward():
     """The fused SwiGLU + down projection (activation recomputed in backward) against the plain maths."""
-    g, u, w = rand(2, 3, 6), rand(2, 3, 6), rand(5, 6)
-    assert torch.autograd.gradcheck(ops._SwiGLUDown.apply, (g, u, w))
+    gate_up, w = rand(2, 3, 12), rand(5, 6)  # [gate, up] stacked on the last dim, as w13 gives them
+    assert torch.autograd.gradcheck(ops._SwiGLUDown.apply, (gate_up, w))
+    g, u = gate_up[..., :6], gate_up[..., 6:]
     want = torch.nn.functional.linear(torch.nn.functional.silu(g) * u, w)
-    torch.testing.assert_close(ops.swiglu_down(g, u, w, "torch"), want)
+    torch.testing.assert_close(ops.swiglu_down(gate_up, w, "torch"), want)
 
 
 def test_rope_broadcast_over_batch_matches_reference():
