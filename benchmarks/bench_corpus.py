@@ -5,16 +5,19 @@
    dedup → opt-out → licence), long documents cut into 20,000-character chunks. Reported: MB per
    CPU-second (= MB/s per core, robust to a busy machine) and MB/s of wall time, with 1 and with 2
    worker processes in alternated rounds, the wall speed-up, and each stage's MB/s alone.
-2. Loader: `PackedReader.batch` (vectorised: windows sliced from the flat token arrays, positions
-   from the document offsets with numpy) vs a per-sample gather (for each window, a Python loop over
-   the documents it overlaps, as a straightforward loader does), batch 8 × seq 1024 and 32 × 2048, on shards of
-   long documents (the novel chunks above) and of short ones (GSM8K problems, ~150 tokens), encoded
-   with a tokenizer trained on the chunks. Outputs checked equal first.
+2. Loader: `PackedReader.batch` (a per-window table built at open, one concatenate for the tokens,
+   position rows cut from a strided ramp; see corpus/loader.py) vs `PerSampleGather` (what a
+   Dataset.__getitem__ + collate does: for each window, a Python loop over the documents it
+   overlaps, then np.stack; its docstring says exactly what it does), batch 8 × seq 1024 and
+   32 × 2048, on 4 shards of long documents (the novel chunks above, ~4,900 tokens) and of short
+   ones (GSM8K problems, ~320 tokens), encoded with a tokenizer trained on the chunks. Outputs
+   (values and dtypes) checked equal first; µs per batch printed for both.
 3. Loader as a share of a training step: `PackedReader.batch` for one step's batch vs one
    forward+backward of model.llama's `tiny` model (vocab 8192, batch 8 × seq 256, fp32, CPU).
 
 Each ratio is per round (contestants alternated, order rotated), median and min-max over rounds.
-Run: `python benchmarks/bench_corpus.py [--mb 6] [--rounds 3]` (a few minutes on 2 cores).
+Run: `python benchmarks/bench_corpus.py [--mb 6] [--rounds 3] [--only loader]` (a few minutes on 2
+cores; `--only loader` curates the chunks once, untimed, and runs parts 2 and 3 only).
 """
 
 from __future__ import annotations
@@ -93,19 +96,98 @@ def _cpu_pressure() -> str:
         return "unknown"
 
 
+def _pipeline_run(folder: str, workers: int, result_path: str) -> None:
+    """One curation (`curate_to`, as `communs data prepare` runs it) in a fresh process: its wall
+    and CPU time (main + workers) and peak memory, written to `result_path` as JSON."""
+    import multiprocessing
+    import resource
+    import threading
+
+    import psutil
+
+    from corpus.pipeline import curate_to, open_pool
+
+    sf = load_sources(Path(folder) / "sources.yaml")
+    peak = {"tree": 0, "sampler_cpu": 0.0}
+    stop = threading.Event()
+
+    def sample(procs: list) -> None:  # PSS of this process + its workers (shared pages split once)
+        while not stop.is_set():
+            total = 0
+            for proc in procs:
+                try:
+                    total += proc.memory_full_info().pss
+                except psutil.Error:
+                    pass
+            peak["tree"] = max(peak["tree"], total)
+            stop.wait(0.05)
+        peak["sampler_cpu"] = time.thread_time()  # its own CPU time, taken off the main process's
+
+    def main_cpu() -> float:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return own.ru_utime + own.ru_stime
+
+    with tempfile.TemporaryDirectory() as out:
+        t0, c0, m0 = time.perf_counter(), _cpu_seconds(), main_cpu()
+        with open_pool(sf, workers) as pool:
+            startup = main_cpu() - m0  # the warm-up before the fork (langid model, datasketch): once per run
+            # Started after the fork (no thread but this one is copied into the workers), on the
+            # pool's processes, found once (scanning /proc at each sample would cost a core's tenth).
+            procs = [psutil.Process(), *(psutil.Process(p.pid) for p in multiprocessing.active_children())]
+            sampler = threading.Thread(target=sample, args=(procs,), daemon=True)
+            sampler.start()
+            result = curate_to(sf, Path(out), pool)
+        wall, cpu, main = time.perf_counter() - t0, _cpu_seconds() - c0, main_cpu() - m0
+    stop.set()
+    sampler.join()
+    cpu, main = cpu - peak["sampler_cpu"], main - peak["sampler_cpu"]
+    Path(result_path).write_text(
+        json.dumps(
+            {
+                "wall": wall,
+                "cpu": cpu,
+                "main_cpu": main,
+                "startup_cpu": startup,
+                "kept": sum(c["kept"] for c in result.counts.values()),
+                "main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "worker_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                "tree_mb": peak["tree"] / 2**20,
+            }
+        )
+    )
+
+
+def _pipeline_in_fresh_process(folder: Path, workers: int) -> dict:
+    import multiprocessing
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = Path(tmp) / "result.json"
+        proc = multiprocessing.get_context("spawn").Process(
+            target=_pipeline_run, args=(str(folder), workers, str(result_path))
+        )
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            sys.exit(f"pipeline run failed (exit code {proc.exitcode})")
+        return json.loads(result_path.read_text())
+
+
 def bench_pipeline(folder: Path, n_bytes: int, rounds: int) -> list:
+    """Streamed curation with 1 and 2 workers (each run in a fresh process, rounds alternated), then
+    peak memory at 1× and 4× the corpus: the main process holds small per-document metadata only,
+    and each worker a window of batches, so the peaks should stay flat."""
     sf = load_sources(folder / "sources.yaml")
-    curate(sf, workers=1)  # warm: imports, HF datasets set-up, langid model
     wall: dict[int, list[float]] = {1: [], 2: []}
     cpu: dict[int, list[float]] = {1: [], 2: []}
+    memory: dict[tuple[str, int], list[dict]] = {}
     for r in range(rounds):
         for workers in [1, 2] if r % 2 == 0 else [2, 1]:
-            t0, c0 = time.perf_counter(), _cpu_seconds()
-            result = curate(sf, workers=workers)
-            wall[workers].append(time.perf_counter() - t0)
-            cpu[workers].append(_cpu_seconds() - c0)
+            run = _pipeline_in_fresh_process(folder, workers)
+            wall[workers].append(run["wall"])
+            cpu[workers].append(run["cpu"])
+            memory.setdefault(("1x", workers), []).append(run)
     mb = n_bytes / 1e6
-    print(f"\nPipeline: {mb:.1f} MB of French text, {sum(len(v) for v in result.docs.values())} chunks kept")
+    print(f"\nPipeline (streamed, curate_to): {mb:.1f} MB of French text, {run['kept']} chunks kept")
     print(f"CPU pressure during the run (/proc/pressure/cpu): {_cpu_pressure()}")
     rows = [
         ("MB per CPU-second (per core), 1 worker", [mb / t for t in cpu[1]]),
@@ -113,8 +195,50 @@ def bench_pipeline(folder: Path, n_bytes: int, rounds: int) -> list:
         ("MB/s wall, 1 worker", [mb / t for t in wall[1]]),
         ("MB/s wall, 2 workers", [mb / t for t in wall[2]]),
         ("wall speed-up 2 workers vs 1", [a / b for a, b in zip(wall[1], wall[2])]),
+        # What the main process does (reading, dedup decisions, writing) does not run in parallel: with
+        # 2 idle cores the speed-up is at most cpu / (main + workers / 2). The start-up (the warm-up
+        # before the fork, ~1 CPU-second whatever the corpus) is left out of these two rows.
+        ("start-up CPU-seconds (once per run)", [r["startup_cpu"] for r in memory[("1x", 2)]]),
+        (
+            "main-process share of the CPU, 2 workers",
+            [(r["main_cpu"] - r["startup_cpu"]) / (r["cpu"] - r["startup_cpu"]) for r in memory[("1x", 2)]],
+        ),
+        (
+            "speed-up bound on 2 idle cores (Amdahl)",
+            [
+                (r["cpu"] - r["startup_cpu"])
+                / (r["main_cpu"] - r["startup_cpu"] + (r["cpu"] - r["main_cpu"]) / 2)
+                for r in memory[("1x", 2)]
+            ],
+        ),
     ]
     ratio_table("Pipeline throughput (rounds alternated)", rows)
+
+    big = folder.parent / f"{folder.name}-4x"
+    big_bytes = corpus_subset(big, 4 * mb)
+    for workers in (2, 1):
+        memory[("4x", workers)] = [_pipeline_in_fresh_process(big, workers)]
+    print(f"\nPeak memory, MB (median over runs): 1x = {mb:.1f} MB of text, 4x = {big_bytes / 1e6:.1f} MB")
+    print("(RSS of the main process and of the largest worker; PSS summed over all, sampled every 50 ms)")
+    print(f"{'':34s} {'main RSS':>8s} {'worker':>8s} {'all PSS':>8s} {'4x / 1x':>8s}")
+    for workers in (1, 2):
+        for scale in ("1x", "4x"):
+            runs = memory[(scale, workers)]
+            main_mb, worker_mb, tree_mb = (
+                statistics.median(r[k] for r in runs) for k in ("main_mb", "worker_mb", "tree_mb")
+            )
+            growth = tree_mb / statistics.median(r["tree_mb"] for r in memory[("1x", workers)])
+            label = f"{workers} worker{'s' if workers > 1 else ''}, corpus {scale}"
+            worker_mb = worker_mb if workers > 1 else 0
+            print(f"{label:34s} {main_mb:8.0f} {worker_mb:8.0f} {tree_mb:8.0f} {growth:8.2f}")
+
+    one, two = memory[("4x", 1)][0], memory[("4x", 2)][0]
+    print(
+        f"4x corpus (one run each): MB per CPU-second {big_bytes / 1e6 / one['cpu']:.2f} (1 worker), "
+        f"{big_bytes / 1e6 / two['cpu']:.2f} (2 workers); wall speed-up 2 vs 1 {one['wall'] / two['wall']:.2f}"
+    )
+
+    result = curate(sf, workers=2)  # the kept chunks, for the stage and loader measurements below
     # Each stage alone, on the same (normalised) chunks, one process.
     docs = [d for d in result.docs["fr"]]
     src = sf.source("fr")
@@ -136,29 +260,46 @@ def bench_pipeline(folder: Path, n_bytes: int, rounds: int) -> list:
 
 
 class PerSampleGather:
-    """The straightforward loader: for each window, walk the documents it overlaps, one by one."""
+    """The straightforward per-sample loader, as a Dataset.__getitem__ + collate would be written.
+
+    At construction: each document's global start and its (shard, index) as Python lists (as cheap as
+    it gets for bisect). `__call__(i)` builds window i alone: bisect for the document holding its first
+    token, then for each document it overlaps (one loop iteration each) `Shard.doc(j)` and
+    `Shard.doc_mask(j)` (memory-map slices), the part inside the window widened to int64, its positions
+    by `np.arange`, its mask part for a chat source; then one concatenate per output and the
+    loss mask (target not a document start, and its mask bit set). Same values and dtypes as
+    `PackedReader.batch` rows; the benchmark collates a batch with one `np.stack` per output.
+    """
 
     def __init__(self, reader: PackedReader):
-        self.shards, self.seq_len = reader.shards, reader.seq_len
+        self.shards, self.seq_len, self.has_mask = reader.shards, reader.seq_len, reader.has_mask
         self.flat_starts = reader.doc_starts.tolist()
         self.flat_docs = [(k, j) for k, s in enumerate(reader.shards) for j in range(s.n_docs)]
 
     def __call__(self, i: int):
         start, end = i * self.seq_len, i * self.seq_len + self.seq_len + 1
-        tokens, positions = [], []
+        tokens, positions, masks = [], [], []
         d = bisect.bisect_right(self.flat_starts, start) - 1
         pos = start
         while pos < end:
             k, j = self.flat_docs[d]
             doc_begin = self.flat_starts[d]
-            doc = self.shards[k].doc(j)
-            take = doc[pos - doc_begin : min(len(doc), end - doc_begin)]
-            tokens.append(np.asarray(take, dtype=np.int64))
-            positions.append(np.arange(pos - doc_begin, pos - doc_begin + len(take)))
-            pos += len(take)
+            shard = self.shards[k]
+            doc = shard.doc(j)
+            lo, hi = pos - doc_begin, min(len(doc), end - doc_begin)
+            tokens.append(np.asarray(doc[lo:hi], dtype=np.int64))
+            positions.append(np.arange(lo, hi))
+            if self.has_mask:  # chat sources only: text shards pay one attribute test per document
+                masks.append(
+                    shard.doc_mask(j)[lo:hi] if shard.mask is not None else np.ones(hi - lo, np.uint8)
+                )
+            pos += hi - lo
             d += 1
         tokens, positions = np.concatenate(tokens), np.concatenate(positions)
-        return tokens, positions[:-1], positions[1:] != 0
+        loss_mask = positions[1:] != 0
+        if self.has_mask:
+            loss_mask &= np.concatenate(masks)[1:].astype(bool)
+        return tokens, positions[:-1], loss_mask
 
 
 def bench_loader(
@@ -178,7 +319,7 @@ def bench_loader(
         got = reader.batch(idx)
         for row, i in enumerate(idx):
             for g, r in zip(got, gather(int(i))):
-                assert np.array_equal(g[row], r)
+                assert np.array_equal(g[row], r) and g.dtype == r.dtype
 
     def vectorised():
         for idx in batches:
@@ -191,16 +332,18 @@ def bench_loader(
 
     times: dict[str, list[float]] = {"batch": [], "per_sample": []}
     contestants = [("batch", vectorised), ("per_sample", per_sample)]
-    for r in range(max(rounds, 5)):
+    for r in range(max(rounds, 9)):
         for cname, fn in contestants if r % 2 == 0 else contestants[::-1]:
             t0 = time.perf_counter()
             fn()
             times[cname].append(time.perf_counter() - t0)
     n_tok = len(batches) * batch * seq_len
+    us = {k: 1e6 * statistics.median(v) / len(batches) for k, v in times.items()}
     print(
         f"\nLoader, {name}: {reader.n_tokens:,} tokens, {len(prefixes)} shards, {reader.n_docs} docs "
         f"(mean {reader.n_tokens / reader.n_docs:.0f} tokens), batch {batch} x seq {seq_len}: "
-        f"PackedReader.batch {n_tok / statistics.median(times['batch']) / 1e6:.1f} M tokens/s"
+        f"PackedReader.batch {us['batch']:.1f} µs/batch ({n_tok / statistics.median(times['batch']) / 1e6:.0f} "
+        f"M tokens/s), per-sample {us['per_sample']:.1f} µs/batch; CPU pressure {_cpu_pressure()}"
     )
     ratio_table(
         f"Loader speed-up, {name} (their time / ours)",
@@ -270,13 +413,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=6.0, help="MB of French text for the pipeline")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", choices=["all", "loader"], default="all", help="loader: parts 2 and 3 only")
     args = parser.parse_args()
     from tokenizer import Tokenizer, train_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         n_bytes = corpus_subset(tmp / "fr", args.mb)
-        docs = bench_pipeline(tmp / "fr", n_bytes, args.rounds)
+        if args.only == "loader":  # the same kept chunks, curated once, untimed
+            docs = curate(load_sources(tmp / "fr" / "sources.yaml"), workers=2).docs["fr"]
+        else:
+            docs = bench_pipeline(tmp / "fr", n_bytes, args.rounds)
         (tmp / "loader").mkdir()
         texts = [d.text for d in docs]
         tok = Tokenizer.load(train_tokenizer(texts, tmp / "tok", 8192, seed=0))

@@ -1,38 +1,70 @@
-"""The curation pipeline: read → per-document stages → dedup → per-document stages, in parallel.
+"""The curation pipeline, streamed: read → per-document stages → dedup → per-document stages → files.
 
-The stage order comes from the sources file (`pipeline.order`). Per-document stages run in worker
-processes over batches of documents taken in corpus order; the dedup stage runs over the whole
-corpus in one process (signatures computed by the workers). The result, and every provenance
-record, is the same for any number of workers.
+The main process pulls the sources' `ReadUnit`s lazily (corpus/readers.py) and keeps a bounded
+window of them in flight in the worker pool (`WorkerPool.map_ordered`). A worker parses a unit
+(JSON lines, text files, records), runs the stages before dedup on its documents and computes
+their sha256 and MinHash signature. Back in the main process, in corpus order: the duplicate-id
+check, the `errors: fatal` policy, and the dedup decision (`DedupIndex`, incremental). The
+survivors go back to the pool, pipelined, for the stages after dedup and the serialisation of
+their provenance record and curated row; the main process appends those to the output files in
+corpus order as results come back.
+
+What stays in memory grows with the corpus only by small per-document metadata: the ids seen (the
+duplicate-id check), the parent ids of each source's kept documents (the split), and the dedup
+index (digests, signatures and LSH keys as numpy rows). The result, and every provenance record,
+is the same for any number of workers.
 """
 
 from __future__ import annotations
 
+import collections
+import gc
+import json
 import multiprocessing
 import os
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
 
-import numpy as np
 from tqdm import tqdm
 
 from communs import UserError
-from corpus.dedup import find_duplicates, signature
+from corpus.dedup import DedupIndex, signature
 from corpus.optout import optout_set, read_entries
-from corpus.readers import Problem, read_source
+from corpus.readers import Problem, ReadUnit, parse_unit, read_units
 from corpus.sources import SourcesFile
-from corpus.stages import PER_DOC_STAGES, Doc, OptOutSet, StageContext, document_licence, wordlist_path
-
-_BATCH_CHARS = 1 << 18  # ~256 kB of text per task: large enough to amortise the pickling
+from corpus.splits import split_corrections, tentative_split
+from corpus.stages import (
+    PER_DOC_STAGES,
+    Doc,
+    OptOutSet,
+    StageContext,
+    detect_language,
+    document_licence,
+    load_wordlist,
+    wordlist_path,
+)
 
 
 @dataclass
 class Curated:
-    """What the pipeline produced: kept documents per source, and a record of every input."""
+    """What `curate` gives back in memory (small corpora, tests): kept documents and every record."""
 
-    docs: dict[str, list[Doc]]  # source id -> kept documents, in corpus order
-    provenance: list[dict]  # one per document or unreadable record, in corpus order
-    counts: dict[str, dict] = field(default_factory=dict)  # source id -> {read, kept, removed, pii}
+    docs: dict[str, list[Doc]]  # source id -> kept documents, in corpus order (id, text or messages)
+    provenance: list[dict]  # one per document or unreadable record, in corpus order (with `split`)
+    counts: dict[str, dict] = field(default_factory=dict)  # source id -> {read, kept, removed, pii, chars}
+    optout_entries: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class CurationResult:
+    """What `curate_to` wrote: counts per source and the number of kept documents per split."""
+
+    counts: dict[str, dict]  # source id -> {read, kept, removed: {rule: n}, pii: {kind: n}, chars}
+    split_counts: dict[str, dict[str, int]]  # source id -> {"train": n, "val": n}
     optout_entries: list[dict] = field(default_factory=list)
 
 
@@ -41,82 +73,89 @@ class Curated:
 _worker: dict = {}
 
 
-def _init_worker(params: dict[str, dict], contexts: dict[str, StageContext]) -> None:
-    _worker["params"] = params
-    _worker["contexts"] = contexts
+def _init_worker(state: dict) -> None:
+    _worker.clear()
+    _worker.update(state)
 
 
-def _stage_batch(args: tuple[list[str], list[tuple[int, Doc]]]) -> list[tuple[int, Doc, str | None]]:
-    stage_names, batch = args
-    out = []
-    for i, doc in batch:
-        params, ctx = _worker["params"][doc.source], _worker["contexts"][doc.source]
-        rule = None
-        for name in stage_names:
-            p = params[name]
-            if p.get("enabled", True):
-                rule = PER_DOC_STAGES[name](doc, p, ctx)
-                if rule:
-                    break
-        out.append((i, doc, rule))
-    return out
+def worker_state() -> dict:
+    """The state a task finds in its process (set by the pool's initializer)."""
+    return _worker
 
 
-def _signature_batch(args: tuple[int, int, list[tuple[int, str]]]) -> list[tuple[int, np.ndarray]]:
-    num_perm, size, batch = args
-    return [(i, signature(text, num_perm, size)) for i, text in batch]
+class WorkerPool:
+    """Ordered map over worker processes, with a bounded window of tasks in flight.
 
+    Not `Pool.imap`: its task-feeder thread drains the task generator as fast as it can, so the whole
+    corpus would be read ahead into the pool's queue. Here a task is submitted (`apply_async`) only
+    when one of the `window` in flight has been handed back. With workers=1 the tasks run in this
+    process, one at a time, as they are pulled.
+    """
 
-def _batches(items: list[tuple[int, object]], size_of) -> Iterator[list]:
-    batch, chars = [], 0
-    for item in items:
-        batch.append(item)
-        chars += size_of(item[1])
-        if chars >= _BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
-class _Runner:
-    """Maps a function over batches in order, in worker processes or (workers=1) in this one."""
-
-    def __init__(self, workers: int, params: dict, contexts: dict):
+    def __init__(self, workers: int, state: dict):
+        self.workers = workers
+        self.state = state
+        self.window = 2 * workers
         self.pool = None
         if workers > 1:
             # fork: fast, and works whatever the main module is. The pool is made before anything
             # is read, so that no thread started by HF datasets is forked.
             ctx = multiprocessing.get_context("fork")
-            self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=(params, contexts))
+            # Objects made so far (modules, the langid model…) are left out of the workers' garbage
+            # collections, which would otherwise touch each one and copy its memory page.
+            gc.freeze()
+            self.pool = ctx.Pool(workers, initializer=_init_worker, initargs=(state,))
+            gc.unfreeze()
         else:
-            _init_worker(params, contexts)
+            _init_worker(state)
 
-    def imap(self, fn, tasks):
-        return self.pool.imap(fn, tasks) if self.pool else map(fn, tasks)
+    def map_ordered(
+        self, fn: Callable, tasks: Iterable[tuple[object, object]]
+    ) -> Iterator[tuple[object, object]]:
+        """For each (context, argument) pulled from `tasks`: (context, fn(argument)), in order.
+
+        The context stays in this process; at most `window` tasks are pulled ahead of the results
+        handed out."""
+        if self.pool is None:
+            for context, arg in tasks:
+                yield context, fn(arg)
+            return
+        pending: collections.deque = collections.deque()
+        it = iter(tasks)
+        for context, arg in it:
+            pending.append((context, self.pool.apply_async(fn, (arg,))))
+            if len(pending) >= self.window:
+                break
+        while pending:
+            context, result = pending.popleft()
+            value = result.get()
+            # Refill before handing the result out, so the workers stay busy while it is consumed.
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt[0], self.pool.apply_async(fn, (nxt[1],))))
+            yield context, value
 
     def close(self) -> None:
         if self.pool:
             self.pool.terminate()
             self.pool.join()
+            self.pool = None
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-# ------------------------------------------------------------------------------------- pipeline
+def open_pool(sf: SourcesFile, workers: int, curating: bool = True) -> WorkerPool:
+    """The worker pool for a sources file: stage parameters and contexts set in each worker, and
+    (`curating`) what the stages load on first use loaded before the fork.
 
-
-def _problem_record(p: Problem, source: str, licence: str) -> dict:
-    return {
-        "id": p.id, "source": source, "parent": p.id, "licence": licence, "fate": "removed", "rule": p.rule,
-        "where": p.where, "message": p.message, "sha256": None,
-    }  # fmt: skip
-
-
-def curate(sf: SourcesFile, workers: int = 1, progress: bool = False) -> Curated:
-    """Run the whole pipeline of a sources file; raise UserError on fatal bad input."""
+    Raises UserError for pipeline settings that cannot run (before any process starts)."""
     base = sf.path.parent
     entries = read_entries(sf.optout) if sf.optout else []
     optouts = optout_set(entries) if entries else OptOutSet()
-    params = {s.id: s.stages for s in sf.sources}
     contexts = {
         s.id: StageContext(
             languages=s.language,
@@ -137,128 +176,326 @@ def curate(sf: SourcesFile, workers: int = 1, progress: bool = False) -> Curated
             raise UserError(
                 f"{sf.path}: sources[{s.id}].stages.toxicity.wordlist: no such file {contexts[s.id].wordlist}"
             )
-
-    runner = _Runner(workers, params, contexts)
-    try:
-        return _run(sf, base, runner, entries, progress)
-    finally:
-        runner.close()
-
-
-def _run(sf: SourcesFile, base, runner: _Runner, entries: list[dict], progress: bool) -> Curated:
-    # Read everything (in this process: reading is cheap next to the stages), in corpus order.
-    docs: list[Doc] = []
-    slots: list[dict | None] = []  # a problem's record, or None where a document goes
-    seen_ids: set[str] = set()
-    for s in sf.sources:
-        for item in tqdm(
-            read_source(s, base), desc=f"read {s.id}", unit="doc", disable=not progress, leave=False
-        ):
-            if isinstance(item, Doc) and item.id in seen_ids:
-                item = Problem(
-                    item.id, "read.duplicate_id", item.id, f"document id {item.id!r} appears twice"
-                )
-            if isinstance(item, Problem):
-                if s.errors == "fatal":
-                    raise UserError(f"{item.where}: {item.message} (sources[{s.id}].errors is 'fatal')")
-                slots.append(_problem_record(item, s.id, s.licence))
-                continue
-            seen_ids.add(item.id)
-            docs.append(item)
-            slots.append(None)
-    rules: list[str | None] = [None] * len(docs)
-    dup_of: dict[int, str] = {}
-
     dedup_at = sf.order.index("dedup")
-    before = [n for n in sf.order[:dedup_at] if n in PER_DOC_STAGES]
-    after = [n for n in sf.order[dedup_at + 1 :] if n in PER_DOC_STAGES]
-    for stage_names in (before, "dedup", after):
-        alive = [(i, d) for i, d in enumerate(docs) if rules[i] is None]
-        if stage_names == "dedup":
-            _dedup(sf, docs, alive, rules, dup_of, runner, progress)
+    dedup = sf.stages["dedup"]
+    if curating:
+        _warm_up(sf, contexts)
+
+    def dedup_on(s, key: str) -> bool:
+        return dedup["enabled"] and s.stages["dedup"]["enabled"] and s.stages["dedup"][key]
+
+    state = {
+        "sources": {s.id: s for s in sf.sources},
+        "params": {s.id: s.stages for s in sf.sources},
+        "contexts": contexts,
+        "before": [n for n in sf.order[:dedup_at] if n in PER_DOC_STAGES],
+        "after": [n for n in sf.order[dedup_at + 1 :] if n in PER_DOC_STAGES],
+        "exact": {s.id: dedup_on(s, "exact") for s in sf.sources},
+        "near": {s.id: dedup_on(s, "near") for s in sf.sources},
+        "num_perm": dedup["num_perm"],
+        "shingle": dedup["shingle"],
+        "seed": sf.seed,
+        "val_fraction": sf.val_fraction,
+        "optout_entries": entries,
+    }
+    return WorkerPool(workers, state)
+
+
+def _warm_up(sf: SourcesFile, contexts: dict[str, StageContext]) -> None:
+    """Load what the stages load on first use (langid's model ~0.6 s, datasketch and its permutations
+    ~0.4 s, word lists) here, once, so that the forked workers inherit it instead of each paying it."""
+    for s in sf.sources:
+        if s.stages["langid"]["enabled"]:
+            detect_language("")
+        if s.stages["toxicity"]["enabled"]:
+            load_wordlist(str(contexts[s.id].wordlist))
+    if sf.stages["dedup"]["enabled"]:
+        signature("", sf.stages["dedup"]["num_perm"], sf.stages["dedup"]["shingle"])
+
+
+def _run_stages(doc: Doc, names: list[str]) -> str | None:
+    params, ctx = _worker["params"][doc.source], _worker["contexts"][doc.source]
+    for name in names:
+        p = params[name]
+        if p.get("enabled", True):
+            rule = PER_DOC_STAGES[name](doc, p, ctx)
+            if rule:
+                return rule
+    return None
+
+
+def _jsonl_line(record: dict) -> bytes:
+    return json.dumps(record, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n"
+
+
+def _doc_record(doc: Doc, rule: str | None, duplicate_of: str | None, split: str | None) -> dict:
+    src = _worker["sources"][doc.source]
+    record = {
+        "id": doc.id, "source": doc.source, "parent": doc.parent,
+        "licence": document_licence(doc) or src.licence,  # a document's own licence, when it has one
+        "fate": "removed" if rule else "kept", "rule": rule, "sha256": doc.sha256(),
+        "raw_sha256": doc.raw_sha256,
+    }  # fmt: skip
+    if duplicate_of is not None:
+        record["duplicate_of"] = duplicate_of
+    if doc.pii:
+        record["pii"] = dict(sorted(doc.pii.items()))
+    for key in ("author", "url", "title"):
+        if doc.meta.get(key):
+            record[key] = doc.meta[key]
+    if split is not None:
+        record["split"] = split
+    return record
+
+
+def _problem_record(p: Problem, source: str, licence: str) -> dict:
+    return {
+        "id": p.id, "source": source, "parent": p.id, "licence": licence, "fate": "removed", "rule": p.rule,
+        "where": p.where, "message": p.message, "sha256": None,
+    }  # fmt: skip
+
+
+# What a task hands back per input record, in order:
+#   ("problem", Problem)
+#   ("removed", doc id, rule, provenance line, pii counts)     removed before dedup: final
+#   ("alive", Doc, sha256 or None, signature or None)          for the dedup decision
+#   ("done", doc id, parent, rule, provenance line, curated row or None, pii counts, chars)
+
+
+def _before_dedup(unit: ReadUnit) -> list[tuple]:
+    """Worker: parse a unit, run the stages before dedup, hash and sign the survivors."""
+    out: list[tuple] = []
+    for item in parse_unit(unit, _worker["sources"][unit.source]):
+        if isinstance(item, Problem):
+            out.append(("problem", item))
             continue
-        if not stage_names:
+        rule = _run_stages(item, _worker["before"])
+        if rule:
+            out.append(("removed", item.id, rule, _jsonl_line(_doc_record(item, rule, None, None)), item.pii))
             continue
-        bar = tqdm(
-            total=len(alive), desc="+".join(stage_names), unit="doc", disable=not progress, leave=False
+        sha = item.sha256() if _worker["exact"][item.source] else None
+        sig = (
+            signature(item.content(), _worker["num_perm"], _worker["shingle"])
+            if _worker["near"][item.source]
+            else None
         )
-        tasks = ((stage_names, b) for b in _batches(alive, lambda d: len(d.content())))
-        for result in runner.imap(_stage_batch, tasks):
-            for i, doc, rule in result:
-                docs[i] = doc
-                rules[i] = rule
-            bar.update(len(result))
-        bar.close()
-    return _collect(sf, docs, slots, rules, dup_of, entries)
+        out.append(("alive", item, sha, sig))
+    return out
 
 
-def _dedup(sf, docs, alive, rules, dup_of, runner, progress) -> None:
-    p = sf.stages["dedup"]
-    if not p["enabled"]:
-        return
-    near = [(i, d.content()) for i, d in alive if d.id and sf.source(d.source).stages["dedup"]["near"]
-            and sf.source(d.source).stages["dedup"]["enabled"]]  # fmt: skip
-    sigs: dict[int, np.ndarray] = {}
-    bar = tqdm(total=len(near), desc="dedup signatures", unit="doc", disable=not progress, leave=False)
-    tasks = ((p["num_perm"], p["shingle"], b) for b in _batches(near, len))
-    for result in runner.imap(_signature_batch, tasks):
-        sigs.update(result)
-        bar.update(len(result))
-    bar.close()
-    items = []
-    for i, d in alive:
-        sp = sf.source(d.source).stages["dedup"]
-        sha = d.sha256() if sp["enabled"] and sp["exact"] else None
-        items.append((d.id, sha, sigs.get(i)))
-    for k, (rule, first) in find_duplicates(items, p["threshold"], p["num_perm"]).items():
-        i = alive[k][0]
-        rules[i] = rule
-        dup_of[i] = first
+def _after_dedup(items: list[tuple[Doc, tuple[str, str] | None]]) -> list[tuple]:
+    """Worker: the stages after dedup, then each document's provenance line and curated row."""
+    out: list[tuple] = []
+    for doc, verdict in items:
+        rule, duplicate_of = verdict if verdict else (_run_stages(doc, _worker["after"]), None)
+        split = None if rule else tentative_split(doc.parent, _worker["seed"], _worker["val_fraction"])
+        line = _jsonl_line(_doc_record(doc, rule, duplicate_of, split))
+        row = None
+        if not rule:
+            content = {"messages": doc.messages} if doc.messages is not None else {"text": doc.text}
+            row = _jsonl_line({"id": doc.id, "split": split, **content})
+        out.append(
+            ("done", doc.id, doc.parent, rule, line, row, doc.pii, len(doc.content()) if not rule else 0)
+        )
+    return out
 
 
-def _collect(sf, docs, slots, rules, dup_of, entries) -> Curated:
-    kept: dict[str, list[Doc]] = {s.id: [] for s in sf.sources}
-    counts = {s.id: {"read": 0, "kept": 0, "removed": {}, "pii": {}, "chars": 0} for s in sf.sources}
-    provenance = []
-    it = iter(range(len(docs)))
-    for slot in slots:
-        if slot is not None:
-            c = counts[slot["source"]]
-            c["read"] += 1
-            c["removed"][slot["rule"]] = c["removed"].get(slot["rule"], 0) + 1
-            provenance.append(slot)
-            continue
-        i = next(it)
-        doc, rule = docs[i], rules[i]
-        src = sf.source(doc.source)
-        c = counts[doc.source]
+# ------------------------------------------------------------------------------------ the writer
+
+
+class _SourceWriter:
+    """Appends one source's records to the provenance file and its kept rows to its curated file.
+
+    Kept documents get the split their parent would get alone (`tentative_split`); when the source
+    is finished and all its parents are known, the few whose split the source-level rules change (a
+    source with no val or no train parent, or with a single parent) are corrected by rewriting this
+    source's part of the files — rare, and only that part.
+    """
+
+    def __init__(self, provenance: IO[bytes], curated_path: Path, source, seed: int, fraction: float):
+        self.provenance, self.curated_path = provenance, curated_path
+        self.source, self.seed, self.fraction = source, seed, fraction
+        self.start = provenance.tell()
+        self.curated = open(curated_path, "wb")
+        self.parents: set[str] = set()
+        self.counts = {"read": 0, "kept": 0, "removed": {}, "pii": {}, "chars": 0}
+        self.split_counts = {"train": 0, "val": 0}
+
+    def problem(self, p: Problem) -> None:
+        self._count(p.rule, {})
+        self.provenance.write(_jsonl_line(_problem_record(p, self.source.id, self.source.licence)))
+
+    def removed(self, rule: str, line: bytes, pii: dict) -> None:
+        self._count(rule, pii)
+        self.provenance.write(line)
+
+    def done(
+        self, parent: str, rule: str | None, line: bytes, row: bytes | None, pii: dict, chars: int
+    ) -> None:
+        self._count(rule, pii)
+        self.provenance.write(line)
+        if rule is None:
+            self.counts["chars"] += chars
+            self.curated.write(row)
+            self.parents.add(parent)
+            self.split_counts[tentative_split(parent, self.seed, self.fraction)] += 1
+
+    def _count(self, rule: str | None, pii: dict) -> None:
+        c = self.counts
         c["read"] += 1
-        for kind, n in doc.pii.items():
+        for kind, n in pii.items():
             c["pii"][kind] = c["pii"].get(kind, 0) + n
-        record = {
-            "id": doc.id, "source": doc.source, "parent": doc.parent,
-            "licence": document_licence(doc) or src.licence,  # a document's own licence, when it has one
-            "fate": "removed" if rule else "kept", "rule": rule, "sha256": doc.sha256(),
-            "raw_sha256": doc.raw_sha256,
-        }  # fmt: skip
-        if i in dup_of:
-            record["duplicate_of"] = dup_of[i]
-        if doc.pii:
-            record["pii"] = dict(sorted(doc.pii.items()))
-        for key in ("author", "url", "title"):
-            if doc.meta.get(key):
-                record[key] = doc.meta[key]
-        provenance.append(record)
         if rule:
             c["removed"][rule] = c["removed"].get(rule, 0) + 1
         else:
             c["kept"] += 1
-            c["chars"] += len(doc.content())
-            kept[doc.source].append(doc)
-    for c in counts.values():
+
+    def finish(self) -> tuple[dict, dict[str, int]]:
+        self.curated.close()
+        fixes = split_corrections(self.parents, self.seed, self.fraction)
+        self.parents = set()
+        if fixes:
+            self._rewrite(fixes)
+        c = self.counts
         c["removed"] = dict(sorted(c["removed"].items()))
         c["pii"] = dict(sorted(c["pii"].items()))
-    return Curated(kept, provenance, counts, entries)
+        return c, self.split_counts
+
+    def _rewrite(self, fixes: dict[str, str]) -> None:
+        """Give the documents of the `fixes` parents their final split, in both files."""
+        self.provenance.flush()
+        old_curated = self.curated_path.with_name(f".{self.curated_path.name}.fix.tmp")
+        os.replace(self.curated_path, old_curated)
+        with tempfile.TemporaryFile(dir=self.curated_path.parent) as tail:
+            self.provenance.seek(self.start)
+            shutil.copyfileobj(self.provenance, tail)
+            self.provenance.seek(self.start)
+            self.provenance.truncate()
+            tail.seek(0)
+            with open(old_curated, "rb") as rows, open(self.curated_path, "wb") as curated:
+                for line in tail:
+                    record = json.loads(line)
+                    if record["fate"] != "kept":
+                        self.provenance.write(line)
+                        continue
+                    row_line = rows.readline()
+                    if record["parent"] in fixes:
+                        final = fixes[record["parent"]]
+                        self.split_counts[record["split"]] -= 1
+                        self.split_counts[final] += 1
+                        record["split"] = final
+                        line = _jsonl_line(record)
+                        row = json.loads(row_line)
+                        row["split"] = final
+                        row_line = _jsonl_line(row)
+                    self.provenance.write(line)
+                    curated.write(row_line)
+        old_curated.unlink()
+
+
+# ------------------------------------------------------------------------------------- pipeline
+
+
+def curate_to(sf: SourcesFile, folder: Path, pool: WorkerPool, progress: bool = False) -> CurationResult:
+    """Run the pipeline of a sources file, streaming into `folder`: `provenance.jsonl` (every record,
+    with the split of kept documents) and `curated/<source>.jsonl` (kept rows `{id, split, text |
+    messages}`), in corpus order. Raises UserError on fatal bad input (the files are then partial:
+    `folder` is a staging area the caller discards)."""
+    folder = Path(folder)
+    (folder / "curated").mkdir(parents=True, exist_ok=True)
+    state = pool.state
+    dedup = None
+    if any(state["exact"].values()) or any(state["near"].values()):
+        dedup = DedupIndex(sf.stages["dedup"]["threshold"], sf.stages["dedup"]["num_perm"])
+    seen_ids: set[str] = set()
+    counts, split_counts = {}, {}
+    with open(folder / "provenance.jsonl", "wb+") as provenance:
+        for s in sf.sources:
+            writer = _SourceWriter(
+                provenance, folder / "curated" / f"{s.id}.jsonl", s, sf.seed, sf.val_fraction
+            )
+            bar = tqdm(desc=f"curate {s.id}", unit="doc", disable=not progress, leave=False)
+            try:
+                units = ((None, u) for u in read_units(s, sf.path.parent))
+                decided = _dedup_decisions(s, pool.map_ordered(_before_dedup, units), dedup, seen_ids)
+                for slots, results in pool.map_ordered(_after_dedup, decided):
+                    it = iter(results)
+                    for entry in slots:
+                        entry = entry or next(it)
+                        if entry[0] == "problem":
+                            writer.problem(entry[1])
+                        elif entry[0] == "removed":
+                            writer.removed(entry[2], entry[3], entry[4])
+                        else:
+                            writer.done(*entry[2:])
+                    bar.update(len(slots))
+            finally:
+                bar.close()
+                writer.curated.close()
+            counts[s.id], split_counts[s.id] = writer.finish()
+    return CurationResult(counts, split_counts, state["optout_entries"])
+
+
+def _dedup_decisions(
+    s, before: Iterator[tuple[object, list[tuple]]], dedup: DedupIndex | None, seen_ids: set[str]
+) -> Iterator[tuple[list, tuple[list, list]]]:
+    """Main process, in corpus order: per unit, (its records with a None where a document's result
+    will go, the documents that go on to the stages after dedup with the dedup verdict)."""
+    for _, entries in before:
+        slots: list = []
+        survivors: list = []
+        for entry in entries:
+            if entry[0] != "problem":
+                doc_id = entry[1].id if entry[0] == "alive" else entry[1]
+                if doc_id in seen_ids:
+                    problem = Problem(
+                        doc_id, "read.duplicate_id", doc_id, f"document id {doc_id!r} appears twice"
+                    )
+                    entry = ("problem", problem)
+                else:
+                    seen_ids.add(doc_id)
+            if entry[0] == "problem":
+                if s.errors == "fatal":
+                    p = entry[1]
+                    raise UserError(f"{p.where}: {p.message} (sources[{s.id}].errors is 'fatal')")
+                slots.append(entry)
+            elif entry[0] == "removed":
+                slots.append(entry)
+            else:
+                _, doc, sha, sig = entry
+                survivors.append((doc, dedup.check(doc.id, sha, sig) if dedup else None))
+                slots.append(None)
+        yield slots, survivors
+
+
+def curate(sf: SourcesFile, workers: int = 1, progress: bool = False) -> Curated:
+    """The whole pipeline of a sources file, its result read back into memory (for small corpora and
+    tests; `corpus.prepare` streams with `curate_to`). Raises UserError on fatal bad input."""
+    with open_pool(sf, workers) as pool, tempfile.TemporaryDirectory() as tmp:
+        result = curate_to(sf, Path(tmp), pool, progress)
+        provenance = list(iter_jsonl(Path(tmp) / "provenance.jsonl"))
+        # A kept document's parent, hashes and metadata are in its provenance record, in the same order.
+        kept = collections.defaultdict(list)
+        for record in provenance:
+            if record["fate"] == "kept":
+                kept[record["source"]].append(record)
+        docs: dict[str, list[Doc]] = {}
+        for s in sf.sources:
+            rows = iter_jsonl(Path(tmp) / "curated" / f"{s.id}.jsonl")
+            docs[s.id] = [
+                Doc(id=row["id"], source=s.id, parent=r["parent"], raw_sha256=r["raw_sha256"],
+                    text=row.get("text"), messages=row.get("messages"),
+                    meta={k: r[k] for k in ("author", "url", "title") if k in r}, pii=r.get("pii", {}))
+                for row, r in zip(rows, kept[s.id], strict=True)
+            ]  # fmt: skip
+    return Curated(docs, provenance, result.counts, result.optout_entries)
+
+
+def iter_jsonl(path: Path) -> Iterator[dict]:
+    """The records of a JSON Lines file this package wrote, one at a time."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
 
 
 def default_workers() -> int:

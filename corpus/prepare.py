@@ -2,8 +2,11 @@
 
 Each step records a fingerprint of what it was made from; a re-run (after a crash, or with nothing
 changed) skips the steps whose fingerprint matches and, within the shards of a source, the shards
-already finished. Everything that can refuse the input runs before the data directory is touched,
-so a failed re-run leaves a good directory as it was. Then the previous manifest is removed (kept
+already finished. Everything streams: curation writes its files as documents come out of the
+pipeline (into a staging folder), the tokenizer's sample and the shards read them back line by line,
+and the encoding runs in the same worker pool as curation. Everything that can refuse the input runs
+before the data directory is touched (the staging folder aside, removed on error), so a failed
+re-run leaves a good directory as it was. Then the previous manifest is removed (kept
 under history/<root hash>/ for exposure reports), every file is written under a temporary name and
 renamed, and the manifest comes last: a data directory without manifest.json is unfinished and
 nothing reads it.
@@ -16,7 +19,9 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -26,44 +31,15 @@ from tqdm import tqdm
 from communs import UserError
 from corpus.licences import LICENCES
 from corpus.manifest import canonical_json, load_manifest, write_manifest
-from corpus.pipeline import Curated, curate, default_workers
+from corpus.pipeline import WorkerPool, curate_to, default_workers, iter_jsonl, open_pool, worker_state
 from corpus.seen import build_index
 from corpus.shards import sha256_file, write_shard
 from corpus.sources import Source, SourcesFile, load_sources
-from corpus.stages import STAGE_VERSIONS, Doc, wordlist_path
+from corpus.stages import STAGE_VERSIONS, wordlist_path
 
 SPLITS = ("train", "val")
-_ENCODE_BATCH_CHARS = 1 << 22  # texts handed to the tokenizer's threaded encoder at once
-
-
-def is_val(doc_id: str, seed: int, fraction: float) -> bool:
-    """Held-out or not, from a hash of the (parent) document id (stable when other documents change)."""
-    return _split_rank(doc_id, seed) < fraction
-
-
-def _split_rank(doc_id: str, seed: int) -> float:
-    h = hashlib.sha256(f"split:{seed}:{doc_id}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64
-
-
-def assign_splits(ids: list[str], seed: int, fraction: float, parents: list[str] | None = None) -> list[str]:
-    """'train' or 'val' per id, decided per parent document (`parents[i]`, default the id itself).
-
-    All chunks of one document go to the same split, so no validation text was seen in training.
-    A source with ≥ 2 parent documents always gets one in each split (when fraction > 0); a source
-    with a single parent document (one file cut into chunks) is all train.
-    """
-    parents = list(ids) if parents is None else parents
-    unique = sorted(set(parents))
-    if len(unique) < 2 or fraction <= 0:
-        return ["train"] * len(ids)
-    ranks = {p: _split_rank(p, seed) for p in unique}
-    split_of = {p: "val" if r < fraction else "train" for p, r in ranks.items()}
-    if "val" not in split_of.values():
-        split_of[min(unique, key=ranks.__getitem__)] = "val"
-    if "train" not in split_of.values():
-        split_of[max(unique, key=ranks.__getitem__)] = "train"
-    return [split_of[p] for p in parents]
+_ENCODE_UNIT_BYTES = 1 << 18  # curated rows per encoding task (read back as raw lines)
+_CURATION_STAGING = ".curation.staging"
 
 
 def _versions() -> dict[str, str]:
@@ -81,12 +57,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-def _jsonl(records) -> bytes:
-    return b"".join(
-        json.dumps(r, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n" for r in records
-    )
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -119,68 +89,52 @@ def _curation_fingerprint(sf: SourcesFile, inputs: dict[str, list[dict]]) -> str
     ).hexdigest()
 
 
-def _load_curated(out: Path, sf: SourcesFile, state: dict) -> Curated:
-    docs: dict[str, list[Doc]] = {}
-    for s in sf.sources:
-        docs[s.id] = []
-        with open(out / "curated" / f"{s.id}.jsonl", encoding="utf-8") as f:
-            for line in f:
-                r = json.loads(line)
-                docs[s.id].append(
-                    Doc(
-                        id=r["id"],
-                        source=s.id,
-                        parent=r["id"],
-                        raw_sha256="",
-                        text=r.get("text"),
-                        messages=r.get("messages"),
-                    )
-                )
-    return Curated(docs=docs, provenance=[], counts=state["counts"])
-
-
 def _curate_step(
-    out: Path, sf: SourcesFile, fingerprint: str, workers: int, progress: bool
-) -> tuple[Curated, dict[str, list[str]], bool]:
-    """The curated documents and their splits, and whether they are new (to be written by
-    `_write_curated`). Nothing in `out` changes here: a UserError leaves the directory as it was."""
+    out: Path, sf: SourcesFile, fingerprint: str, pool: Callable[..., WorkerPool], progress: bool
+) -> tuple[dict, Path, bool]:
+    """The curation state ({fingerprint, counts, split_counts}), the folder holding its files
+    (`out` when they are current, else the staging folder they were just written to, installed by
+    `_install_curated`), and whether they are new. Nothing in `out` but the staging folder changes
+    here: a UserError leaves the directory as it was."""
     state_path = out / "curated" / "state.json"
     if state_path.is_file():
         state = json.loads(state_path.read_text())
         files_ok = (out / "provenance.jsonl").is_file() and all(
             (out / "curated" / f"{s.id}.jsonl").is_file() for s in sf.sources
         )
-        if state.get("fingerprint") == fingerprint and files_ok:
-            curated = _load_curated(out, sf, state)
-            return curated, state["splits"], False
-    curated = curate(sf, workers=workers, progress=progress)
-    splits: dict[str, list[str]] = {}
-    for s in sf.sources:
-        docs = curated.docs[s.id]
-        splits[s.id] = assign_splits([d.id for d in docs], sf.seed, sf.val_fraction, [d.parent for d in docs])
-    split_of = {d.id: sp for s in sf.sources for d, sp in zip(curated.docs[s.id], splits[s.id])}
-    for record in curated.provenance:
-        if record["fate"] == "kept":
-            record["split"] = split_of[record["id"]]
-    return curated, splits, True
+        if state.get("fingerprint") == fingerprint and "split_counts" in state and files_ok:
+            return state, out, False
+    staging = out / _CURATION_STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    result = curate_to(sf, staging, pool(curating=True), progress)
+    state = {"fingerprint": fingerprint, "counts": result.counts, "split_counts": result.split_counts}
+    return state, staging, True
 
 
-def _write_curated(out: Path, sf: SourcesFile, curated: Curated, splits: dict, fingerprint: str) -> None:
+def _install_curated(out: Path, sf: SourcesFile, staging: Path, state: dict) -> None:
     state_path = out / "curated" / "state.json"
     # The state goes first and comes back last: a crash in between leaves no state, so a re-run redoes it.
     state_path.unlink(missing_ok=True)
+    (out / "curated").mkdir(parents=True, exist_ok=True)
     for s in sf.sources:
-        rows = []
-        for d, sp in zip(curated.docs[s.id], splits[s.id]):
-            row = {"id": d.id, "split": sp}
-            row["messages" if d.messages is not None else "text"] = (
-                d.messages if d.messages is not None else d.text
-            )
-            rows.append(row)
-        _write_atomic(out / "curated" / f"{s.id}.jsonl", _jsonl(rows))
-    _write_atomic(out / "provenance.jsonl", _jsonl(curated.provenance))
-    state = {"fingerprint": fingerprint, "counts": curated.counts, "splits": splits}
+        os.replace(staging / "curated" / f"{s.id}.jsonl", out / "curated" / f"{s.id}.jsonl")
+    os.replace(staging / "provenance.jsonl", out / "provenance.jsonl")
+    shutil.rmtree(staging)
     _write_atomic(state_path, json.dumps(state, sort_keys=True).encode())
+
+
+def _curated_rows(curated_dir: Path, source_id: str, split: str):
+    """The kept rows of a source's split, streamed from its curated file."""
+    for row in iter_jsonl(curated_dir / "curated" / f"{source_id}.jsonl"):
+        if row["split"] == split:
+            yield row
+
+
+def _content(row: dict) -> str:
+    """What the filters saw, and the tokenizer samples: the text, or a chat's contents one per line."""
+    if "messages" in row:
+        return "\n".join(m["content"] for m in row["messages"])
+    return row["text"]
 
 
 # ----------------------------------------------------------------------------------- tokenizer
@@ -189,7 +143,7 @@ def _write_curated(out: Path, sf: SourcesFile, curated: Curated, splits: dict, f
 _TOKENIZER_STAGING = ".tokenizer.staging"
 
 
-def _tokenizer_step(out: Path, sf: SourcesFile, curated: Curated, splits, fingerprint: str, vocab_size: int,
+def _tokenizer_step(out: Path, sf: SourcesFile, curated_dir: Path, fingerprint: str, vocab_size: int,
                     existing: Path | None, workers: int) -> tuple[Path | None, str | None, dict]:  # fmt: skip
     """Decide (and train, into a staging folder) the tokenizer; `_install_tokenizer` puts it in place.
 
@@ -214,13 +168,9 @@ def _tokenizer_step(out: Path, sf: SourcesFile, curated: Curated, splits, finger
     ):
         return None, tok_fp, {"trained": True}
 
-    def train_texts(s: Source):
-        # Validation documents stay out of the tokenizer's sample too.
-        for d, sp in zip(curated.docs[s.id], splits[s.id]):
-            if sp == "train":
-                yield d.content()
-
-    sources = {s.id: train_texts(s) for s in sf.sources}
+    # Validation documents stay out of the tokenizer's sample too. Each source is read lazily when
+    # sample_texts reaches it; it holds about the sample in memory.
+    sources = {s.id: map(_content, _curated_rows(curated_dir, s.id, "train")) for s in sf.sources}
     sample = sample_texts(
         sources, {s.id: 1.0 for s in sf.sources}, sf.sample_bytes_per_source * len(sf.sources), sf.seed
     )
@@ -254,88 +204,143 @@ def _install_tokenizer(out: Path, new: Path | None, tok_fp: str | None):
 # -------------------------------------------------------------------------------------- shards
 
 
-def _encode(tok, docs: list[Doc], workers: int) -> list[np.ndarray | tuple[np.ndarray, np.ndarray]]:
-    """Documents as the model sees them: [bos] + tokens + [eos]; chat ones with their loss mask."""
-    if not docs:
-        return []
-    if docs[0].messages is not None:
+def _encode_rows(task: tuple[str, dict[str, int], list[tuple[int, bytes]]]) -> list[tuple[str, int, object]]:
+    """Worker: curated rows (raw lines with the byte offset just past each) → (split, offset, document
+    as the model sees it: [bos] + tokens + [eos], a chat one as (tokens, loss mask)). Rows of a split
+    that end at or before `skip[split]` are in finished shards already and are left out."""
+    tok_path, skip, lines = task
+    cache = worker_state().setdefault("tokenizers", {})
+    if tok_path not in cache:
+        from tokenizer import Tokenizer
+
+        cache[tok_path] = Tokenizer.load(tok_path)
+    tok = cache[tok_path]
+    rows = []
+    for end, raw in lines:
+        row = json.loads(raw)
+        if end > skip[row["split"]]:
+            rows.append((row["split"], end, row))
+    if rows and "messages" in rows[0][2]:
         out = []
-        for d in docs:
-            ids, mask = tok.encode_chat(d.messages)
+        for split, end, row in rows:
+            ids, mask = tok.encode_chat(row["messages"])
             # The final </s> closes the document; it is not a turn the model is taught to end on.
-            out.append(
-                (np.asarray([*ids, tok.eos_id], dtype=np.uint32), np.asarray([*mask, 0], dtype=np.uint8))
-            )
+            doc = (np.asarray([*ids, tok.eos_id], dtype=np.uint32), np.asarray([*mask, 0], dtype=np.uint8))
+            out.append((split, end, doc))
         return out
-    encoded = tok.encode_batch([d.text for d in docs], num_threads=workers)
-    return [np.asarray([tok.bos_id, *ids, tok.eos_id], dtype=np.uint32) for ids in encoded]
+    encoded = tok.encode_batch([row["text"] for _, _, row in rows], num_threads=1)
+    return [
+        (split, end, np.asarray([tok.bos_id, *ids, tok.eos_id], dtype=np.uint32))
+        for (split, end, _), ids in zip(rows, encoded)
+    ]
 
 
-def _shard_step(out: Path, s: Source, split: str, docs: list[Doc], tok, fingerprint: str, max_tokens: int,
-                workers: int, progress: bool) -> list[dict]:  # fmt: skip
-    folder = out / "shards" / s.id / split
-    plan_path = folder / "plan.json"
-    plan_fp = hashlib.sha256(canonical_json([fingerprint, tok.sha256, s.id, split, max_tokens])).hexdigest()
-    plan = json.loads(plan_path.read_text()) if plan_path.is_file() else {}
-    if plan.get("fingerprint") != plan_fp:
-        shutil.rmtree(folder, ignore_errors=True)
-        plan = {"fingerprint": plan_fp, "done": [], "complete": False}
-    # Keep the finished shards whose record is intact; redo from the first one that is not.
-    done = []
-    for entry in plan["done"]:
-        if not Path(f"{folder / entry['name']}.json").is_file():
-            break
-        done.append(entry)
-    if len(done) != len(plan["done"]):
-        plan["complete"] = False
-    plan["done"] = done
-    if not plan.get("complete"):
-        next_doc = done[-1]["first_doc"] + done[-1]["n_docs"] if done else 0
-        bar = tqdm(total=len(docs), initial=next_doc, desc=f"encode {s.id}/{split}", unit="doc",
-                   disable=not progress, leave=False)  # fmt: skip
-        pending: list = []
-        pending_tokens = 0
-        first = next_doc
+class _ShardWriter:
+    """One source's split: its plan (fingerprint, finished shards), and the shard being filled.
 
-        def flush() -> None:
-            nonlocal pending, pending_tokens, first
-            name = f"{len(plan['done']):05d}"
-            write_shard(folder / name, pending)
-            plan["done"].append({"name": name, "first_doc": first, "n_docs": len(pending)})
-            _write_atomic(plan_path, json.dumps(plan, indent=1).encode())
-            first += len(pending)
-            pending, pending_tokens = [], 0
+    Each finished shard's plan entry records `end`, the byte offset in the curated file just past its
+    last document: a resumed run reads the curated file from the earliest such offset of the splits
+    still to do, and leaves out what is already in finished shards."""
 
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_atomic(plan_path, json.dumps(plan, indent=1).encode())
-        i = next_doc
-        while i < len(docs):
-            batch, chars = [], 0
-            while i < len(docs) and chars < _ENCODE_BATCH_CHARS:
-                batch.append(docs[i])
-                chars += len(docs[i].content())
-                i += 1
-            for item in _encode(tok, batch, workers):
-                n = len(item[0] if isinstance(item, tuple) else item)
-                if pending and pending_tokens + n > max_tokens:
-                    flush()
-                pending.append(item)
-                pending_tokens += n
-            bar.update(len(batch))
-        if pending:
-            flush()
+    def __init__(self, out: Path, s: Source, split: str, tok, fingerprint: str, max_tokens: int):
+        self.folder = out / "shards" / s.id / split
+        self.plan_path = self.folder / "plan.json"
+        self.max_tokens = max_tokens
+        plan_fp = hashlib.sha256(
+            canonical_json([fingerprint, tok.sha256, s.id, split, max_tokens])
+        ).hexdigest()
+        plan = json.loads(self.plan_path.read_text()) if self.plan_path.is_file() else {}
+        if plan.get("fingerprint") != plan_fp:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            plan = {"fingerprint": plan_fp, "done": [], "complete": False}
+        # Keep the finished shards whose record is intact; redo from the first one that is not.
+        done = []
+        for entry in plan["done"]:
+            if "end" not in entry or not Path(f"{self.folder / entry['name']}.json").is_file():
+                break
+            done.append(entry)
+        if len(done) != len(plan["done"]):
+            plan["complete"] = False
+        plan["done"] = done
+        self.plan = plan
+        self.complete = bool(plan.get("complete"))
+        self.resume_at = done[-1]["end"] if done else 0
+        self.first = done[-1]["first_doc"] + done[-1]["n_docs"] if done else 0
+        self.pending: list = []
+        self.pending_tokens = 0
+        self.pending_end = 0
+        if not self.complete:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.plan_path, json.dumps(self.plan, indent=1).encode())
+
+    def add(self, doc, end: int) -> None:
+        n = len(doc[0] if isinstance(doc, tuple) else doc)
+        if self.pending and self.pending_tokens + n > self.max_tokens:
+            self._flush()
+        self.pending.append(doc)
+        self.pending_tokens += n
+        self.pending_end = end
+
+    def _flush(self) -> None:
+        name = f"{len(self.plan['done']):05d}"
+        write_shard(self.folder / name, self.pending)
+        entry = {"name": name, "first_doc": self.first, "n_docs": len(self.pending), "end": self.pending_end}
+        self.plan["done"].append(entry)
+        _write_atomic(self.plan_path, json.dumps(self.plan, indent=1).encode())
+        self.first += len(self.pending)
+        self.pending, self.pending_tokens = [], 0
+
+    def finish(self) -> None:
+        if self.pending:
+            self._flush()
+        self.plan["complete"] = self.complete = True
+        _write_atomic(self.plan_path, json.dumps(self.plan, indent=1).encode())
+
+    def records(self, out: Path) -> list[dict]:
+        shards = []
+        for entry in self.plan["done"]:
+            record_path = Path(f"{self.folder / entry['name']}.json")
+            record = json.loads(record_path.read_text())
+            shards.append({
+                "path": _rel(self.folder / entry["name"], out), "n_docs": record["n_docs"],
+                "n_tokens": record["n_tokens"], "has_mask": record["has_mask"], "sha256": sha256_file(record_path),
+            })  # fmt: skip
+        return shards
+
+
+def _shard_step(out: Path, s: Source, tok, fingerprint: str, max_tokens: int, pool: Callable[[], WorkerPool],
+                progress: bool) -> dict[str, list[dict]]:  # fmt: skip
+    """Both splits of a source in one pass over its curated file, encoded in the worker pool."""
+    writers = {split: _ShardWriter(out, s, split, tok, fingerprint, max_tokens) for split in SPLITS}
+    todo = [w for w in writers.values() if not w.complete]
+    if todo:
+        curated = out / "curated" / f"{s.id}.jsonl"
+        start = min(w.resume_at for w in todo)
+        skip = {split: sys.maxsize if w.complete else w.resume_at for split, w in writers.items()}
+        bar = tqdm(total=curated.stat().st_size, initial=start, desc=f"encode {s.id}", unit="B",
+                   unit_scale=True, disable=not progress, leave=False)  # fmt: skip
+
+        def tasks():
+            with open(curated, "rb") as f:
+                f.seek(start)
+                end = start
+                while lines := f.readlines(_ENCODE_UNIT_BYTES):
+                    items = []
+                    for raw in lines:
+                        end += len(raw)
+                        items.append((end, raw))
+                    yield end, (str(tok.path), skip, items)
+
+        position = start
+        for end, encoded in pool().map_ordered(_encode_rows, tasks()):
+            for split, doc_end, doc in encoded:
+                writers[split].add(doc, doc_end)
+            bar.update(end - position)
+            position = end
         bar.close()
-        plan["complete"] = True
-        _write_atomic(plan_path, json.dumps(plan, indent=1).encode())
-    shards = []
-    for entry in plan["done"]:
-        record_path = Path(f"{folder / entry['name']}.json")
-        record = json.loads(record_path.read_text())
-        shards.append({
-            "path": _rel(folder / entry["name"], out), "n_docs": record["n_docs"], "n_tokens": record["n_tokens"],
-            "has_mask": record["has_mask"], "sha256": sha256_file(record_path),
-        })  # fmt: skip
-    return shards
+        for w in todo:
+            w.finish()
+    return {split: w.records(out) for split, w in writers.items()}
 
 
 # ------------------------------------------------------------------------------------- prepare
@@ -407,37 +412,44 @@ def prepare(
         raise UserError(f"--out {out}: exists and is not a directory")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    pools: list[WorkerPool] = []
+
+    def pool(curating: bool = False) -> WorkerPool:
+        # One pool for curation and encoding, made when first needed (a re-run with nothing to redo
+        # starts none) and, when curation runs, before anything is read (see WorkerPool).
+        if not pools:
+            pools.append(open_pool(sf, workers, curating))
+        return pools[0]
+
     try:
         # Every step that can refuse the input (curation, the emptiness check, tokenizer training)
         # runs before the directory is touched, so a bad re-run leaves a good directory exactly as
         # it was. Only then is the previous manifest archived and are the new files put in place.
         inputs = {s.id: _inputs(sf, s) for s in sf.sources}
         fingerprint = _curation_fingerprint(sf, inputs)
-        curated, splits, fresh = _curate_step(out, sf, fingerprint, workers, progress)
-        _check_not_empty(sources_path, sf, curated, splits)
+        state, curated_dir, fresh = _curate_step(out, sf, fingerprint, pool, progress)
+        _check_not_empty(sources_path, sf, state)
         lap("curate")
         new_tok, tok_fp, tok_info = _tokenizer_step(
-            out, sf, curated, splits, fingerprint, vocab_size, existing, workers
+            out, sf, curated_dir, fingerprint, vocab_size, existing, workers
         )
         _archive_previous(out)
         if fresh:
-            _write_curated(out, sf, curated, splits, fingerprint)
+            _install_curated(out, sf, curated_dir, state)
         tok = _install_tokenizer(out, new_tok, tok_fp)
         lap("tokenizer")
         source_entries = {}
         for s in sf.sources:
             split_entries = {}
+            shards_of = _shard_step(out, s, tok, fingerprint, sf.shard_max_tokens, pool, progress)
             for split in SPLITS:
-                docs = [d for d, sp in zip(curated.docs[s.id], splits[s.id]) if sp == split]
-                shards = _shard_step(
-                    out, s, split, docs, tok, fingerprint, sf.shard_max_tokens, workers, progress
-                )
+                shards = shards_of[split]
                 split_entries[split] = {
                     "n_docs": sum(x["n_docs"] for x in shards),
                     "n_tokens": sum(x["n_tokens"] for x in shards),
                     "shards": shards,
                 }
-            source_entries[s.id] = _source_entry(sf, s, inputs[s.id], curated.counts[s.id], split_entries)
+            source_entries[s.id] = _source_entry(sf, s, inputs[s.id], state["counts"][s.id], split_entries)
         # Sources no longer in the sources file leave no shards behind.
         for stale in sorted(set(os.listdir(out / "shards")) - {s.id for s in sf.sources}):
             shutil.rmtree(out / "shards" / stale)
@@ -453,23 +465,31 @@ def prepare(
         return manifest
     except UserError:
         # Bad input: leave nothing behind (a folder this call created goes entirely).
-        _remove_temporaries(out)
-        shutil.rmtree(out / _TOKENIZER_STAGING, ignore_errors=True)
+        _remove_staging(out)
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
     except BaseException:
-        # A crash or an interrupt keeps what is finished, for a resumed prepare.
-        _remove_temporaries(out)
-        shutil.rmtree(out / _TOKENIZER_STAGING, ignore_errors=True)
+        # A crash or an interrupt keeps what is finished (shards), for a resumed prepare.
+        _remove_staging(out)
         raise
+    finally:
+        for p in pools:
+            p.close()
 
 
-def _check_not_empty(sources_path, sf: SourcesFile, curated, splits: dict) -> None:
+def _remove_staging(out: Path) -> None:
+    """Temporary files and staging folders (an unfinished curation is redone whole)."""
+    _remove_temporaries(out)
+    shutil.rmtree(out / _TOKENIZER_STAGING, ignore_errors=True)
+    shutil.rmtree(out / _CURATION_STAGING, ignore_errors=True)
+
+
+def _check_not_empty(sources_path, sf: SourcesFile, state: dict) -> None:
     """A source that keeps no training document is an error, named with its counts, before any tokenizer."""
     for s in sf.sources:
-        if "train" not in splits[s.id]:
-            c = curated.counts[s.id]
+        if state["split_counts"][s.id]["train"] == 0:
+            c = state["counts"][s.id]
             removed = ", ".join(f"{n} {rule}" for rule, n in sorted(c["removed"].items())) or "none"
             raise UserError(
                 f"{sources_path}: sources[{s.id}]: no document left to train on "

@@ -1,9 +1,15 @@
-"""Read a source's documents: files (through HF `datasets`, or line by line for JSON Lines), a dataset
-in the local HF cache, or a generator; cut long documents into chunks.
+"""Read a source's documents: text files (one document each), JSON Lines line by line, json/parquet/arrow
+files or a dataset in the local HF cache through HF `datasets`, or a generator; cut long documents
+into chunks.
 
 Each record read gives either a `Doc` or a problem (malformed JSON line, invalid UTF-8, missing
 field, empty text) reported as `file:line`. Problems are counted and recorded in the provenance;
 with `errors: fatal` the first one stops the preparation with that message instead.
+
+Reading is split in two so that the expensive half runs in the worker processes: `read_units`
+(main process, lazy, cheap) cuts a source into `ReadUnit`s — blocks of raw JSON lines with their
+line numbers, groups of text files, batches of records from HF `datasets` or of generated
+documents — and `parse_unit` (a worker) decodes, parses, checks and chunks one of them.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from communs import UserError
@@ -29,6 +35,27 @@ class Problem:
     rule: str  # read.malformed_json | invalid_utf8 | missing_field | bad_field | empty | too_long
     where: str  # file:line
     message: str
+
+
+# About this much raw input per unit: large enough to amortise sending it to a worker, small enough
+# that a window of units in flight stays a few MB.
+UNIT_BYTES = 1 << 18
+
+
+@dataclass
+class ReadUnit:
+    """A slice of a source, in corpus order, for `parse_unit`.
+
+    kind `jsonl`: items (line number, raw line bytes) of `path`; `text`: (path, doc id, metadata) of
+    whole files; `records`: (record number, record) from HF `datasets`, `path` the label used in
+    messages; `generated`: (doc id, text or messages, metadata) from a generator; `docs`: documents
+    (chunks of one large text file) and problems already read.
+    """
+
+    source: str
+    kind: str
+    path: str = ""
+    items: list = field(default_factory=list)
 
 
 def split_text(text: str, max_chars: int) -> list[str]:
@@ -104,25 +131,19 @@ def _rel(path: Path) -> str:
 # ---------------------------------------------------------------------------------------- text
 
 
-def _load_documents(files: list[Path]) -> list[str]:
-    import datasets
-
-    ds = datasets.load_dataset(
-        "text", data_files=[str(p) for p in files], sample_by="document", streaming=True, split="train"
-    )
-    return [ex["text"] for ex in ds]
-
-
 def read_text_file(path: Path) -> str:
-    """One file's text exactly as the `text` format reads it (line breaks CRLF/CR → LF): the text whose
-    sha256 is a document's `raw_sha256` (what `optout add --text-file` hashes)."""
-    return "\n".join(_load_documents([Path(path)]))
+    """One file's text exactly as the `text` format reads it (line breaks CRLF/CR → LF, as HF datasets'
+    text builder and Python's universal newlines do): the text whose sha256 is a document's
+    `raw_sha256` (what `optout add --text-file` hashes)."""
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
-def _read_text_files(source: Source) -> Iterator[Doc | Problem]:
-    """Format `text`: one document per file; its id from `id_pattern` on the file name."""
+def _text_units(source: Source) -> Iterator[ReadUnit]:
+    """Format `text`: one document per file; its id from `id_pattern` on the file name. Every id is
+    checked before the first unit goes out (a file name that does not match is an error)."""
     rows = _metadata_rows(source)
-    ids = []
+    files = []
     for path in source.files:
         if source.id_pattern is not None:
             m = source.id_pattern.search(path.name)
@@ -130,36 +151,60 @@ def _read_text_files(source: Source) -> Iterator[Doc | Problem]:
                 raise UserError(
                     f"{path}: id_pattern {source.id_pattern.pattern!r} does not match the file name"
                 )
-            ids.append(m.group(1))
+            doc_id = m.group(1)
         else:
-            ids.append(f"{source.id}:{path.stem}")
-    # One streaming load for all files (HF's per-load set-up costs more than reading them); if one
-    # file is not UTF-8 or is empty, the counts do not line up: read them one by one to say which.
-    texts: list[str | UnicodeDecodeError] | None = None
-    try:
-        texts = _load_documents(source.files)
-    except UnicodeDecodeError:
-        pass
-    if texts is None or len(texts) != len(source.files):
-        texts = []
-        for path in source.files:
-            try:
-                texts.append(read_text_file(path))
-            except UnicodeDecodeError as e:
-                texts.append(e)
-    for path, doc_id, text in zip(source.files, ids, texts):
-        if isinstance(text, UnicodeDecodeError):
+            doc_id = f"{source.id}:{path.stem}"
+        files.append((str(path), doc_id, {"url": source.url, **rows.get(doc_id, {})}))
+    unit, size = ReadUnit(source.id, "text"), 0
+    for item in files:
+        file_size = os.path.getsize(item[0])
+        if file_size > 4 * UNIT_BYTES:
+            # A large file (a book) is read and cut here, so that its chunks spread over the workers
+            # rather than all going through the one that would read it; reading and cutting cost
+            # little next to the stages.
+            if unit.items:
+                yield unit
+                unit, size = ReadUnit(source.id, "text"), 0
+            yield from _docs_units(
+                source, _parse_text_files(ReadUnit(source.id, "text", items=[item]), source)
+            )
+            continue
+        unit.items.append(item)
+        size += file_size
+        if size >= UNIT_BYTES:
+            yield unit
+            unit, size = ReadUnit(source.id, "text"), 0
+    if unit.items:
+        yield unit
+
+
+def _docs_units(source: Source, items: Iterator[Doc | Problem]) -> Iterator[ReadUnit]:
+    unit, size = ReadUnit(source.id, "docs"), 0
+    for item in items:
+        unit.items.append(item)
+        size += len(item.content()) if isinstance(item, Doc) else 0
+        if size >= UNIT_BYTES:
+            yield unit
+            unit, size = ReadUnit(source.id, "docs"), 0
+    if unit.items:
+        yield unit
+
+
+def _parse_text_files(unit: ReadUnit, source: Source) -> Iterator[Doc | Problem]:
+    for path, doc_id, meta in unit.items:
+        try:
+            text = read_text_file(Path(path))
+        except UnicodeDecodeError as e:
             yield Problem(
                 doc_id,
                 "read.invalid_utf8",
-                f"{_rel(path)}:byte {text.start}",
-                f"invalid UTF-8 ({text.reason})",
+                f"{_rel(Path(path))}:byte {e.start}",
+                f"invalid UTF-8 ({e.reason})",
             )
             continue
         if not text.strip():
-            yield Problem(doc_id, "read.empty", _rel(path), "empty document")
+            yield Problem(doc_id, "read.empty", _rel(Path(path)), "empty document")
             continue
-        meta = {"url": source.url, **rows.get(doc_id, {})}
         yield from _chunks(doc_id, source, text, meta)
 
 
@@ -262,37 +307,45 @@ def _record_to_doc(record: object, source: Source, default_id: str, where: str) 
     return list(_chunks(doc_id, source, text, meta))
 
 
-def _read_jsonl(source: Source) -> Iterator[Doc | Problem]:
+def _jsonl_units(source: Source) -> Iterator[ReadUnit]:
     # Read line by line ourselves rather than through HF's json builder: that one fails a whole
     # file on one bad line, and its text builder splits on U+2028/NEL (legal inside JSON strings),
-    # so neither can report or skip a bad line by its `file:line`.
+    # so neither can report or skip a bad line by its `file:line`. Only b"\n" ends a line here.
     for path in source.files:
         with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                default_id = f"{source.id}:{path.stem}:{lineno}"
-                where = f"{_rel(path)}:{lineno}"
-                if not raw.strip():
-                    continue  # blank lines separate nothing in JSON Lines
-                try:
-                    line = raw.rstrip(b"\r\n").decode("utf-8")
-                except UnicodeDecodeError as e:
-                    yield Problem(default_id, "read.invalid_utf8", where, f"invalid UTF-8 at byte {e.start}")
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield Problem(
-                        default_id,
-                        "read.malformed_json",
-                        where,
-                        f"malformed JSON ({e.msg}, column {e.colno})",
-                    )
-                    continue
-                out = _record_to_doc(record, source, default_id, where)
-                yield from out if isinstance(out, list) else [out]
+            lineno = 0
+            while lines := f.readlines(UNIT_BYTES):
+                yield ReadUnit(source.id, "jsonl", str(path), list(enumerate(lines, start=lineno + 1)))
+                lineno += len(lines)
 
 
-def _read_with_datasets(source: Source) -> Iterator[Doc | Problem]:
+def _parse_jsonl(unit: ReadUnit, source: Source) -> Iterator[Doc | Problem]:
+    path = Path(unit.path)
+    for lineno, raw in unit.items:
+        default_id = f"{source.id}:{path.stem}:{lineno}"
+        where = f"{_rel(path)}:{lineno}"
+        if not raw.strip():
+            continue  # blank lines separate nothing in JSON Lines
+        try:
+            line = raw.rstrip(b"\r\n").decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield Problem(default_id, "read.invalid_utf8", where, f"invalid UTF-8 at byte {e.start}")
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield Problem(
+                default_id, "read.malformed_json", where, f"malformed JSON ({e.msg}, column {e.colno})"
+            )
+            continue
+        out = _record_to_doc(record, source, default_id, where)
+        yield from out if isinstance(out, list) else [out]
+
+
+_RECORDS_PER_UNIT = 256
+
+
+def _dataset_units(source: Source) -> Iterator[ReadUnit]:
     """json (arrays / objects), parquet, arrow files and cached HF datasets, streamed."""
     import datasets
 
@@ -314,45 +367,80 @@ def _read_with_datasets(source: Source) -> Iterator[Doc | Problem]:
             for p in source.files
         ]
     for label, stream in streams:
-        stem = Path(label).stem
+        unit = ReadUnit(source.id, "records", label)
         try:
             for i, record in enumerate(stream):
-                out = _record_to_doc(record, source, f"{source.id}:{stem}:{i + 1}", f"{label}:record {i + 1}")
-                yield from out if isinstance(out, list) else [out]
+                unit.items.append((i + 1, record))
+                if len(unit.items) >= _RECORDS_PER_UNIT:
+                    yield unit
+                    unit = ReadUnit(source.id, "records", label)
         except UserError:
             raise
         except Exception as e:
             raise UserError(f"{label}: cannot read as {source.format}: {str(e).splitlines()[0]}") from None
+        if unit.items:
+            yield unit
 
 
-def read_source(source: Source, base: Path) -> Iterator[Doc | Problem]:
-    """Every document (chunked) and every problem of a source, in a deterministic order."""
+def _parse_records(unit: ReadUnit, source: Source) -> Iterator[Doc | Problem]:
+    stem = Path(unit.path).stem
+    for n, record in unit.items:
+        out = _record_to_doc(record, source, f"{source.id}:{stem}:{n}", f"{unit.path}:record {n}")
+        yield from out if isinstance(out, list) else [out]
+
+
+def _generated_units(source: Source, base: Path) -> Iterator[ReadUnit]:
+    from corpus.generators import generate
+
+    unit, size = ReadUnit(source.id, "generated"), 0
+    for doc_id, content, meta in generate(source, base):
+        unit.items.append((doc_id, content, meta))
+        size += len(content) if isinstance(content, str) else sum(len(m["content"]) for m in content)
+        if size >= UNIT_BYTES:
+            yield unit
+            unit, size = ReadUnit(source.id, "generated"), 0
+    if unit.items:
+        yield unit
+
+
+def _parse_generated(unit: ReadUnit, source: Source) -> Iterator[Doc | Problem]:
+    for doc_id, content, meta in unit.items:
+        meta = {"url": source.url, **meta}
+        if isinstance(content, str):
+            yield from _chunks(doc_id, source, content, meta)
+            continue
+        problem = _check_chat(doc_id, source, content, f"generator {source.generator}")
+        if problem:
+            yield problem
+            continue
+        raw_sha = hashlib.sha256(json.dumps(content, ensure_ascii=False).encode("utf-8")).hexdigest()
+        yield Doc(id=doc_id, source=source.id, parent=doc_id, raw_sha256=raw_sha, messages=content, meta=meta)
+
+
+def read_units(source: Source, base: Path) -> Iterator[ReadUnit]:
+    """A source cut into units, lazily, in corpus order (files as listed, then records)."""
     if source.generator is not None:
-        from corpus.generators import generate
+        return _generated_units(source, base)
+    if source.hf_dataset is None and source.format == "text":
+        return _text_units(source)
+    if source.hf_dataset is None and source.format == "jsonl":
+        return _jsonl_units(source)
+    return _dataset_units(source)
 
-        for doc_id, content, meta in generate(source, base):
-            meta = {"url": source.url, **meta}
-            if isinstance(content, str):
-                yield from _chunks(doc_id, source, content, meta)
-            else:
-                problem = _check_chat(doc_id, source, content, f"generator {source.generator}")
-                if problem:
-                    yield problem
-                    continue
-                raw_sha = hashlib.sha256(json.dumps(content, ensure_ascii=False).encode("utf-8")).hexdigest()
-                yield Doc(
-                    id=doc_id,
-                    source=source.id,
-                    parent=doc_id,
-                    raw_sha256=raw_sha,
-                    messages=content,
-                    meta=meta,
-                )
-    elif source.hf_dataset is not None:
-        yield from _read_with_datasets(source)
-    elif source.format == "text":
-        yield from _read_text_files(source)
-    elif source.format == "jsonl":
-        yield from _read_jsonl(source)
-    else:
-        yield from _read_with_datasets(source)
+
+def _parse_docs(unit: ReadUnit, source: Source) -> Iterator[Doc | Problem]:
+    return iter(unit.items)
+
+
+_PARSERS = {
+    "jsonl": _parse_jsonl,
+    "text": _parse_text_files,
+    "records": _parse_records,
+    "generated": _parse_generated,
+    "docs": _parse_docs,
+}
+
+
+def parse_unit(unit: ReadUnit, source: Source) -> list[Doc | Problem]:
+    """The documents (chunked) and problems of one unit, in order."""
+    return list(_PARSERS[unit.kind](unit, source))

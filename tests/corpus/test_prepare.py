@@ -188,7 +188,7 @@ def test_cli_bad_input_is_one_line_exit_2(corpus_dir, tmp_path, capsys):
 
 
 def test_assign_splits_by_parent_document():
-    from corpus.prepare import assign_splits
+    from corpus.splits import assign_splits
 
     ids = [f"doc{k}#{c:04d}" for k in range(6) for c in range(5)]
     parents = [i.split("#")[0] for i in ids]

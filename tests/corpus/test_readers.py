@@ -311,3 +311,22 @@ def test_optout_text_file_hash_matches_the_document_as_read(tmp_path):
     assert [r["raw_sha256"] for r in curate(load_sources(sources)).provenance] == [entry["value"]]
     sources.write_text("optout: optout.jsonl\n" + sources.read_text())
     assert [r["rule"] for r in curate(load_sources(sources)).provenance] == ["optout.sha256"]
+
+
+def test_text_files_read_as_hf_datasets_text_builder_reads_them(tmp_path):
+    """Text files are read in the workers with plain Python: the same text as HF's `text` builder
+    (sample_by=document) gave, line breaks CRLF/CR → LF, a BOM and U+2028 kept as they are."""
+    import datasets
+
+    from corpus.readers import read_text_file
+
+    raw = "\ufeffPremière ligne\r\ndeuxième\rtroisième\u2028même ligne\n\nfin sans saut".encode()
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(raw)
+    ds = datasets.load_dataset(
+        "text", data_files=[str(path)], sample_by="document", streaming=True, split="train"
+    )
+    assert read_text_file(path) == "\n".join(ex["text"] for ex in ds)
+    assert (
+        read_text_file(path) == "\ufeffPremière ligne\ndeuxième\ntroisième\u2028même ligne\n\nfin sans saut"
+    )

@@ -1,0 +1,308 @@
+"""The streamed pipeline: bounded look-ahead, the same files for any number of workers, the dedup
+index against datasketch's LSH, and the split corrections written back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import corpus.pipeline as pipeline_mod
+import corpus.readers as readers_mod
+from corpus.dedup import DedupIndex, lsh_bands
+from corpus.pipeline import WorkerPool, curate_to, open_pool
+from corpus.sources import load_sources
+from corpus.splits import assign_splits
+
+DEMO = Path(__file__).resolve().parents[2] / "data" / "demo"
+NOVEL = (DEMO / "roman19" / "txt" / "Maupassant_UneVie-rd0056.txt").read_text(encoding="utf-8")
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_map_ordered_pulls_at_most_a_window_ahead(workers):
+    pulled = []
+
+    def tasks():
+        for i in range(60):
+            pulled.append(i)
+            yield i, i
+
+    with WorkerPool(workers, {}) as pool:
+        ahead, results = [], []
+        for context, value in pool.map_ordered(_square, tasks()):
+            results.append((context, value))
+            ahead.append(len(pulled) - len(results))
+    assert results == [(i, i * i) for i in range(60)]
+    # workers=1 runs each task as it is pulled; with a pool, `window` are in flight (and the
+    # next one is submitted before a result is handed out).
+    assert max(ahead) == (0 if workers == 1 else pool.window)
+
+
+def _write_stream_corpus(root: Path, n_lines: int = 0) -> Path:
+    """Near and exact duplicates, bad lines, chat documents, a long text cut into chunks."""
+    root.mkdir(parents=True, exist_ok=True)
+    paragraphs = [NOVEL[4000 + 900 * k : 4000 + 900 * k + 800] for k in range(40)]
+    lines = []
+    for k, text in enumerate(paragraphs):
+        lines.append(json.dumps({"key": f"p{k}", "text": text}, ensure_ascii=False))
+        if k % 5 == 0:
+            lines.append(json.dumps({"key": f"x{k}", "text": text}, ensure_ascii=False))  # exact copy
+        if k % 7 == 0:
+            near = text.replace(" la ", " le ", 1).replace(" de ", " du ", 1)
+            lines.append(json.dumps({"key": f"n{k}", "text": near}, ensure_ascii=False))  # near copy
+        if k % 9 == 0:
+            lines.append('{"key": "broken", "text": "unterminated')
+        if k % 11 == 0:
+            lines.append(json.dumps({"key": f"p{k}", "text": paragraphs[(k + 1) % 40]}))  # duplicate id
+    lines += [json.dumps({"key": f"f{k}", "text": paragraphs[k % 40] + f" ({k})"}) for k in range(n_lines)]
+    (root / "docs.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / "book-bk1.txt").write_text(NOVEL[:30000], encoding="utf-8")
+    chats = []
+    for k in range(30):
+        chats.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Combien font {k} et {k + 3} ?"},
+                    {"role": "assistant", "content": f"{k} + {k + 3} = {2 * k + 3}. On ajoute les unités."},
+                ]
+            }
+        )
+    chats.append({"messages": [{"role": "robot", "content": "bip"}]})  # bad role
+    (root / "chat.jsonl").write_text("\n".join(json.dumps(c) for c in chats) + "\n", encoding="utf-8")
+    sources = root / "sources.yaml"
+    sources.write_text(
+        textwrap.dedent(
+            """\
+            seed: 3
+            release: {licence: Apache-2.0}
+            pipeline: {chunk_chars: 3000}
+            split: {val_fraction: 0.2}
+            sources:
+              - {id: docs, format: jsonl, paths: [docs.jsonl], id_field: key, licence: CC-BY-4.0, language: fr,
+                 domain: web, url: https://example.org, stages: {quality: {min_words: 20}}}
+              - {id: book, format: text, paths: ["*.txt"], id_pattern: '-(bk\\d+)\\.txt$', licence: public-domain,
+                 language: fr, domain: literature, url: https://example.org}
+              - {id: chat, kind: chat, format: jsonl, paths: [chat.jsonl], licence: MIT, language: [fr, en],
+                 domain: education, url: https://example.org, stages: {quality: false, langid: false}}
+            """
+        ),
+        encoding="utf-8",
+    )
+    return sources
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.jsonl"))}
+
+
+def test_same_files_for_1_and_2_workers_and_splits_as_assign_splits(tmp_path):
+    sf = load_sources(_write_stream_corpus(tmp_path / "corpus"))
+    results = {}
+    for workers in (1, 2):
+        with open_pool(sf, workers) as pool:
+            results[workers] = curate_to(sf, tmp_path / f"w{workers}", pool)
+    assert _files(tmp_path / "w1") == _files(tmp_path / "w2")
+    assert results[1] == results[2]
+
+    records = [json.loads(line) for line in (tmp_path / "w1" / "provenance.jsonl").open()]
+    rules = {r["rule"] for r in records}
+    assert {
+        "dedup.exact",
+        "dedup.near",
+        "read.malformed_json",
+        "read.duplicate_id",
+        "read.bad_field",
+    } <= rules
+    assert next(r for r in records if r["id"] == "docs:x0")["duplicate_of"] == "docs:p0"
+    assert next(r for r in records if r["id"] == "docs:n7")["duplicate_of"] == "docs:p7"
+    assert next(r for r in records if r["rule"] == "read.malformed_json")["where"].endswith("docs.jsonl:4")
+    for sid in ("docs", "book", "chat"):
+        kept = [r for r in records if r["source"] == sid and r["fate"] == "kept"]
+        rows = [json.loads(line) for line in (tmp_path / "w1" / "curated" / f"{sid}.jsonl").open()]
+        assert [r["id"] for r in rows] == [r["id"] for r in kept]
+        # The splits written as documents streamed out equal the whole-source rule.
+        expected = assign_splits([r["id"] for r in kept], 3, 0.2, [r["parent"] for r in kept])
+        assert [r["split"] for r in kept] == [r["split"] for r in rows] == expected
+        counts = results[1].split_counts[sid]
+        assert counts == {"train": expected.count("train"), "val": expected.count("val")}
+        assert results[1].counts[sid]["kept"] == len(kept)
+    # The single long document (one parent, cut into chunks) is all train, corrected if need be.
+    assert results[1].split_counts["book"]["val"] == 0 and results[1].split_counts["book"]["train"] >= 8
+    assert "messages" in rows[0]
+
+
+def test_split_corrections_rewrite_only_what_they_change(tmp_path):
+    sources = _write_stream_corpus(tmp_path / "corpus")
+    # Nearly everything is tentatively val: the source-level rule moves one parent back to train.
+    sources.write_text(sources.read_text().replace("val_fraction: 0.2", "val_fraction: 0.999"))
+    sf = load_sources(sources)
+    with open_pool(sf, 1) as pool:
+        result = curate_to(sf, tmp_path / "out", pool)
+    records = [json.loads(line) for line in (tmp_path / "out" / "provenance.jsonl").open()]
+    for sid in ("docs", "book", "chat"):
+        kept = [r for r in records if r["source"] == sid and r["fate"] == "kept"]
+        expected = assign_splits([r["id"] for r in kept], 3, 0.999, [r["parent"] for r in kept])
+        assert [r["split"] for r in kept] == expected
+        assert "train" in expected
+        rows = [json.loads(line) for line in (tmp_path / "out" / "curated" / f"{sid}.jsonl").open()]
+        assert [(r["id"], r["split"]) for r in rows] == [(r["id"], r["split"]) for r in kept]
+        assert result.split_counts[sid]["train"] == expected.count("train")
+    # Records are written as json.dumps(sort_keys) lines, corrected ones too.
+    for line in (tmp_path / "out" / "provenance.jsonl").read_text(encoding="utf-8").splitlines():
+        assert line == json.dumps(json.loads(line), ensure_ascii=False, sort_keys=True)
+    assert not list((tmp_path / "out").rglob("*.tmp"))
+
+
+def test_the_reader_is_pulled_lazily_with_bounded_look_ahead(tmp_path, monkeypatch):
+    n_lines = 400
+    sf = load_sources(_write_stream_corpus(tmp_path / "corpus", n_lines=n_lines))
+    monkeypatch.setattr(readers_mod, "UNIT_BYTES", 1)  # one JSON line per unit
+    pulled = {"units": 0}
+    written = {"records": 0}
+    look_ahead = []
+    real_units, real_done = pipeline_mod.read_units, pipeline_mod._SourceWriter.done
+
+    def counting_units(source, base):
+        for unit in real_units(source, base):
+            if source.id == "docs":
+                pulled["units"] += 1
+                look_ahead.append(pulled["units"] - written["records"])
+            yield unit
+
+    def counting_done(self, *args):
+        if self.source.id == "docs":
+            written["records"] += 1
+        return real_done(self, *args)
+
+    def counting_other(name):
+        real = getattr(pipeline_mod._SourceWriter, name)
+
+        def wrapped(self, *args):
+            if self.source.id == "docs":
+                written["records"] += 1
+            return real(self, *args)
+
+        return wrapped
+
+    monkeypatch.setattr(pipeline_mod, "read_units", counting_units)
+    monkeypatch.setattr(pipeline_mod._SourceWriter, "done", counting_done)
+    monkeypatch.setattr(pipeline_mod._SourceWriter, "problem", counting_other("problem"))
+    monkeypatch.setattr(pipeline_mod._SourceWriter, "removed", counting_other("removed"))
+    with open_pool(sf, 2) as pool:
+        curate_to(sf, tmp_path / "out", pool)
+        window = pool.window
+    assert pulled["units"] > n_lines
+    # Two stages of `window` tasks each, one unit (one record) per task, and the one being pulled.
+    assert max(look_ahead) <= 2 * window + 1 < n_lines // 10
+
+
+def _reference_duplicates(items, threshold, num_perm):
+    """The decisions as datasketch's MinHashLSH takes them (the code this index replaced)."""
+    from datasketch import MinHash, MinHashLSH
+
+    from corpus.dedup import _minhash
+
+    removed, first_by_hash, kept_sigs, order = {}, {}, {}, {}
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    for i, (doc_id, sha, sig) in enumerate(items):
+        if sha is not None:
+            if sha in first_by_hash:
+                removed[i] = ("dedup.exact", first_by_hash[sha])
+                continue
+            first_by_hash[sha] = doc_id
+        if sig is None:
+            continue
+        m: MinHash = _minhash(num_perm, sig)
+        matches = [c for c in lsh.query(m) if kept_sigs[c].jaccard(m) >= threshold]
+        if matches:
+            removed[i] = ("dedup.near", min(matches, key=lambda c: order[c]))
+            continue
+        lsh.insert(doc_id, m)
+        kept_sigs[doc_id] = m
+        order[doc_id] = i
+    return removed
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.8])
+def test_dedup_index_decides_as_datasketch_lsh(threshold):
+    rng = np.random.default_rng(0)
+    num_perm = 64
+    bands, rows = lsh_bands(threshold, num_perm)
+    bases = rng.integers(0, 2**32, size=(150, num_perm), dtype=np.uint32)
+    items = []
+    for k in range(1500):
+        sig = bases[rng.integers(0, len(bases))].copy()
+        # Change a random share of the values: agreement from ~0.4 to 1, around the threshold.
+        changed = rng.random(num_perm) < rng.uniform(0.0, 0.6)
+        sig[changed] = rng.integers(0, 2**32, size=int(changed.sum()), dtype=np.uint32)
+        if k % 3 == 0:  # a band equal but agreement below the threshold, or above it without a band
+            sig[:rows] = bases[k % len(bases)][:rows]
+        sha = hashlib.sha256(sig.tobytes()).hexdigest() if k % 4 else None
+        if k % 10 == 0 and items:  # an exact copy of an earlier document (same sha)
+            sha = items[-1][1]
+        items.append((f"d{k}", sha, sig if k % 13 else None))
+    expected = _reference_duplicates(items, threshold, num_perm)
+    index = DedupIndex(threshold, num_perm, flush_at=64)  # many runs, merged
+    got = {}
+    for i, (doc_id, sha, sig) in enumerate(items):
+        verdict = index.check(doc_id, sha, sig)
+        if verdict:
+            got[i] = verdict
+    assert got == expected
+    assert sum(rule == "dedup.near" for rule, _ in expected.values()) > 50
+    assert sum(rule == "dedup.exact" for rule, _ in expected.values()) > 50
+    assert len(index.band_keys.runs) >= 2
+    # Compact: the signature row and one 12-byte entry per band for each document in the index.
+    n = len(index.near_ids)
+    assert index.band_keys.nbytes() <= n * bands * 12 + 100 * index.band_keys.n_recent
+
+
+def test_resume_encodes_only_what_finished_shards_lack_and_a_rerun_redoes_nothing(
+    corpus_dir, small_tokenizer, tmp_path, monkeypatch
+):
+    import corpus.prepare as prepare_mod
+
+    clean = prepare_mod.prepare(corpus_dir, tmp_path / "clean", tokenizer=small_tokenizer, workers=2)
+    real_write, real_encode = prepare_mod.write_shard, prepare_mod._encode_rows
+    calls = {"write": 0, "encoded": 0}
+
+    def crash_on_third(prefix, docs):
+        calls["write"] += 1
+        if calls["write"] == 3:
+            raise RuntimeError("simulated crash while writing a shard")
+        return real_write(prefix, docs)
+
+    def counting_encode(task):
+        out = real_encode(task)
+        calls["encoded"] += len(out)
+        return out
+
+    out = tmp_path / "crashed"
+    monkeypatch.setattr(prepare_mod, "write_shard", crash_on_third)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        prepare_mod.prepare(corpus_dir, out, tokenizer=small_tokenizer, workers=1)
+    assert not (out / ".curation.staging").exists() and (out / "curated" / "state.json").is_file()
+    finished = [json.loads(p.read_text()) for p in sorted((out / "shards").rglob("0*.json"))]
+    assert len(finished) == 2
+    monkeypatch.setattr(prepare_mod, "write_shard", real_write)
+    monkeypatch.setattr(prepare_mod, "_encode_rows", counting_encode)
+    resumed = prepare_mod.prepare(corpus_dir, out, tokenizer=small_tokenizer, workers=1)
+    assert resumed == clean
+    total = sum(src["counts"]["kept"] for src in clean["sources"].values())
+    assert calls["encoded"] == total - sum(shard["n_docs"] for shard in finished)  # not re-encoded
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a re-run with nothing changed redid work")
+
+    monkeypatch.setattr(prepare_mod, "curate_to", must_not_run)
+    monkeypatch.setattr(prepare_mod, "_encode_rows", must_not_run)
+    assert prepare_mod.prepare(corpus_dir, out, tokenizer=small_tokenizer, workers=2) == clean
+    assert (out / "manifest.json").read_bytes() == (tmp_path / "clean" / "manifest.json").read_bytes()
