@@ -18,7 +18,7 @@ import csv
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,16 +178,23 @@ def _text_units(source: Source) -> Iterator[ReadUnit]:
         yield unit
 
 
-def _docs_units(source: Source, items: Iterator[Doc | Problem]) -> Iterator[ReadUnit]:
-    unit, size = ReadUnit(source.id, "docs"), 0
+def _packed_units(source: Source, kind: str, items: Iterable, size_of: Callable) -> Iterator[ReadUnit]:
+    """`items` packed into units of `kind` of about UNIT_BYTES (`size_of(item)` characters each)."""
+    unit, size = ReadUnit(source.id, kind), 0
     for item in items:
         unit.items.append(item)
-        size += len(item.content()) if isinstance(item, Doc) else 0
+        size += size_of(item)
         if size >= UNIT_BYTES:
             yield unit
-            unit, size = ReadUnit(source.id, "docs"), 0
+            unit, size = ReadUnit(source.id, kind), 0
     if unit.items:
         yield unit
+
+
+def _docs_units(source: Source, items: Iterator[Doc | Problem]) -> Iterator[ReadUnit]:
+    return _packed_units(
+        source, "docs", items, lambda item: len(item.content()) if isinstance(item, Doc) else 0
+    )
 
 
 def _parse_text_files(unit: ReadUnit, source: Source) -> Iterator[Doc | Problem]:
@@ -392,15 +399,11 @@ def _parse_records(unit: ReadUnit, source: Source) -> Iterator[Doc | Problem]:
 def _generated_units(source: Source, base: Path) -> Iterator[ReadUnit]:
     from corpus.generators import generate
 
-    unit, size = ReadUnit(source.id, "generated"), 0
-    for doc_id, content, meta in generate(source, base):
-        unit.items.append((doc_id, content, meta))
-        size += len(content) if isinstance(content, str) else sum(len(m["content"]) for m in content)
-        if size >= UNIT_BYTES:
-            yield unit
-            unit, size = ReadUnit(source.id, "generated"), 0
-    if unit.items:
-        yield unit
+    def size_of(item) -> int:
+        content = item[1]
+        return len(content) if isinstance(content, str) else sum(len(m["content"]) for m in content)
+
+    return _packed_units(source, "generated", generate(source, base), size_of)
 
 
 def _parse_generated(unit: ReadUnit, source: Source) -> Iterator[Doc | Problem]:
