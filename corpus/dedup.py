@@ -34,10 +34,8 @@ def shingle_hashes(text: str, size: int) -> np.ndarray:
     every shingle's bytes, and stable across processes and runs (unlike Python's `hash`).
     """
     words = text.lower().split() or [""]
-    vocab: dict[str, int] = {}
-    word_hash = np.fromiter(
-        (vocab.setdefault(w, zlib.crc32(w.encode("utf-8"))) for w in words), dtype=np.uint64, count=len(words)
-    )
+    hashes = {w: zlib.crc32(w.encode("utf-8")) for w in dict.fromkeys(words)}  # each distinct word once
+    word_hash = np.fromiter(map(hashes.__getitem__, words), dtype=np.uint64, count=len(words))
     n = min(size, len(words))
     h = np.zeros(len(words) - n + 1, dtype=np.uint64)
     for k in range(n):

@@ -191,3 +191,22 @@ def test_top_ngram_share_counts_overlapping_characters_once():
     assert all(share(" ".join(["la"] * 50), n) == 1.0 for n in (2, 3, 4))
     # Tie (count 2 each) → the earlier n-gram: "ab cd" (2 × 4 characters) of 40.
     assert share(_TIE_TEXT, 2) == 8 / 40
+
+
+def test_alpha_word_and_digit_counts_equal_their_definitions():
+    """The quality filter's counts (regexes chosen for speed) against per-word / per-character
+    definitions, on random text over an alphabet of edge cases: Unicode spaces and separators, digits
+    of other scripts, numeric non-digits (², ½, Ⅻ), underscore, punctuation."""
+    import random
+    import re
+
+    from corpus.stages import alpha_word_count, digit_count
+
+    letter = re.compile(r"[^\W\d_]")
+    alphabet = "a1_ ²½\t\n\x1c\u00a0\u2003-—.,«»é٣Ⅻ'’#…"
+    rng = random.Random(0)
+    for _ in range(5000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        words = text.split()
+        assert alpha_word_count(text, len(words)) == sum(1 for w in words if letter.search(w)), repr(text)
+        assert digit_count(text) == sum(c.isdecimal() for c in text), repr(text)
