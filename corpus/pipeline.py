@@ -1,18 +1,19 @@
 """The curation pipeline, streamed: read → per-document stages → dedup → per-document stages → files.
 
-The main process pulls the sources' `ReadUnit`s lazily (corpus/readers.py) and keeps a bounded
-window of them in flight in the worker pool (`WorkerPool.map_ordered`). A worker parses a unit
-(JSON lines, text files, records), runs the stages before dedup on its documents and computes
-their sha256 and MinHash signature. Back in the main process, in corpus order: the duplicate-id
-check, the `errors: fatal` policy, and the dedup decision (`DedupIndex`, incremental). The
-survivors go back to the pool, pipelined, for the stages after dedup and the serialisation of
-their provenance record and curated row; the main process appends those to the output files in
-corpus order as results come back.
+The main process pulls the sources' `ReadUnit`s lazily (corpus/readers.py), all sources as one
+stream, and keeps a bounded window of them in flight in the worker pool (`WorkerPool.map_ordered`):
+the next source's units are in the pool while the last results of the one before come back. A
+worker parses a unit (JSON lines, text files, records), runs the stages before dedup on its
+documents and computes their sha256 and MinHash signature. Back in the main process, in corpus
+order: the duplicate-id check, the `errors: fatal` policy, and the dedup decision (`DedupIndex`,
+incremental). The survivors go back to the pool, pipelined, for the stages after dedup and the
+serialisation of their provenance record and curated row; the main process appends those to the
+output files in corpus order as results come back.
 
 What stays in memory grows with the corpus only by small per-document metadata: the ids seen (the
-duplicate-id check), the parent ids of each source's kept documents (the split), and the dedup
-index (digests, signatures and LSH keys as numpy rows). The result, and every provenance record,
-is the same for any number of workers.
+duplicate-id check), the parent ids of the current source's kept documents (the split), and the
+dedup index (digests, signatures and LSH keys as numpy rows). The result, and every provenance
+record, is the same for any number of workers.
 """
 
 from __future__ import annotations
@@ -400,48 +401,113 @@ def curate_to(sf: SourcesFile, folder: Path, pool: WorkerPool, progress: bool = 
     """Run the pipeline of a sources file, streaming into `folder`: `provenance.jsonl` (every record,
     with the split of kept documents) and `curated/<source>.jsonl` (kept rows `{id, split, text |
     messages}`), in corpus order. Raises UserError on fatal bad input (the files are then partial:
-    `folder` is a staging area the caller discards)."""
+    `folder` is a staging area the caller discards).
+
+    All sources go through the pool as one stream: the next source's units are in flight while the
+    last results of the one before come back, so no source boundary leaves the workers idle. A
+    source's end work (split corrections, counts) is done when its last result has been written."""
     folder = Path(folder)
     (folder / "curated").mkdir(parents=True, exist_ok=True)
     state = pool.state
     dedup = None
     if any(state["exact"].values()) or any(state["near"].values()):
         dedup = DedupIndex(sf.stages["dedup"]["threshold"], sf.stages["dedup"]["num_perm"])
-    seen_ids: set[str] = set()
-    counts, split_counts = {}, {}
+    units = _AllUnits(sf)
+    decided = _dedup_decisions(sf, pool.map_ordered(_before_dedup, units), dedup, set())
     with open(folder / "provenance.jsonl", "wb+") as provenance:
-        for s in sf.sources:
-            writer = _SourceWriter(
-                provenance, folder / "curated" / f"{s.id}.jsonl", s, sf.seed, sf.val_fraction
-            )
-            bar = tqdm(desc=f"curate {s.id}", unit="doc", disable=not progress, leave=False)
+        writers = _Writers(sf, provenance, folder / "curated", progress)
+        try:
+            for (index, slots), results in pool.map_ordered(_after_dedup, decided):
+                writer = writers.at(index)
+                it = iter(results)
+                for entry in slots:
+                    entry = entry or next(it)
+                    if entry[0] == "problem":
+                        writer.problem(entry[1])
+                    elif entry[0] == "removed":
+                        writer.removed(entry[2], entry[3], entry[4])
+                    else:
+                        writer.done(*entry[2:])
+                writers.bar.update(len(slots))
+            if units.error is not None:
+                # A source that failed to read fails where it stands in corpus order: after the
+                # units before it, as when each source was read only once the one before had ended.
+                raise units.error
+            writers.at(len(sf.sources))
+        finally:
+            writers.close()
+    return CurationResult(writers.counts, writers.split_counts, state["optout_entries"])
+
+
+class _AllUnits:
+    """The units of every source, in corpus order, as (source index, unit), pulled lazily.
+
+    A source's reader may refuse its input (a metadata table without the key column, a dataset
+    that cannot be loaded…) while earlier units are still in flight: the error is kept in `error`
+    and the stream ends there, so that the caller raises it only after those units' results (and
+    whatever fatal problem they hold) have been seen — the same error for any number of workers."""
+
+    def __init__(self, sf: SourcesFile):
+        self.sf = sf
+        self.error: Exception | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, ReadUnit]]:
+        for index, s in enumerate(self.sf.sources):
             try:
-                units = ((None, u) for u in read_units(s, sf.path.parent))
-                decided = _dedup_decisions(s, pool.map_ordered(_before_dedup, units), dedup, seen_ids)
-                for slots, results in pool.map_ordered(_after_dedup, decided):
-                    it = iter(results)
-                    for entry in slots:
-                        entry = entry or next(it)
-                        if entry[0] == "problem":
-                            writer.problem(entry[1])
-                        elif entry[0] == "removed":
-                            writer.removed(entry[2], entry[3], entry[4])
-                        else:
-                            writer.done(*entry[2:])
-                    bar.update(len(slots))
-            finally:
-                bar.close()
-                writer.curated.close()
-            counts[s.id], split_counts[s.id] = writer.finish()
-    return CurationResult(counts, split_counts, state["optout_entries"])
+                for unit in read_units(s, self.sf.path.parent):
+                    yield index, unit
+            except Exception as e:  # re-raised by curate_to, in corpus order
+                self.error = e
+                return
+
+
+class _Writers:
+    """The current source's writer and progress bar; the sources before it finished, in order."""
+
+    def __init__(self, sf: SourcesFile, provenance: IO[bytes], curated: Path, progress: bool):
+        self.sf, self.provenance, self.curated, self.progress = sf, provenance, curated, progress
+        self.index = -1
+        self.writer: _SourceWriter | None = None
+        self.bar: tqdm | None = None
+        self.counts: dict[str, dict] = {}
+        self.split_counts: dict[str, dict[str, int]] = {}
+
+    def at(self, index: int) -> _SourceWriter | None:
+        """The writer of source `index`, finishing those before it (sources without any unit
+        included); `len(sources)` finishes the last one."""
+        while self.index < index:
+            if self.writer is not None:
+                self.close()
+                s = self.writer.source
+                self.counts[s.id], self.split_counts[s.id] = self.writer.finish()
+                self.writer = None
+            self.index += 1
+            if self.index < len(self.sf.sources):
+                s = self.sf.sources[self.index]
+                path = self.curated / f"{s.id}.jsonl"
+                self.writer = _SourceWriter(self.provenance, path, s, self.sf.seed, self.sf.val_fraction)
+                self.bar = tqdm(desc=f"curate {s.id}", unit="doc", disable=not self.progress, leave=False)
+        return self.writer
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.writer is not None:
+            self.writer.curated.close()
 
 
 def _dedup_decisions(
-    s, before: Iterator[tuple[object, list[tuple]]], dedup: DedupIndex | None, seen_ids: set[str]
-) -> Iterator[tuple[list, tuple[list, list]]]:
-    """Main process, in corpus order: per unit, (its records with a None where a document's result
-    will go, the documents that go on to the stages after dedup with the dedup verdict)."""
-    for _, entries in before:
+    sf: SourcesFile,
+    before: Iterator[tuple[int, list[tuple]]],
+    dedup: DedupIndex | None,
+    seen_ids: set[str],
+) -> Iterator[tuple[tuple[int, list], list]]:
+    """Main process, in corpus order: per unit, ((its source index, its records with a None where a
+    document's result will go), the documents that go on to the stages after dedup with the dedup
+    verdict)."""
+    for index, entries in before:
+        s = sf.sources[index]
         slots: list = []
         survivors: list = []
         for entry in entries:
@@ -465,7 +531,7 @@ def _dedup_decisions(
                 _, doc, sha, sig = entry
                 survivors.append((doc, dedup.check(doc.id, sha, sig) if dedup else None))
                 slots.append(None)
-        yield slots, survivors
+        yield (index, slots), survivors
 
 
 def curate(sf: SourcesFile, workers: int = 1, progress: bool = False) -> Curated:

@@ -13,10 +13,11 @@ import pytest
 
 import corpus.pipeline as pipeline_mod
 import corpus.readers as readers_mod
+from communs import UserError
 from corpus.dedup import DedupIndex, lsh_bands
 from corpus.pipeline import WorkerPool, curate_to, open_pool
 from corpus.sources import load_sources
-from corpus.splits import assign_splits
+from corpus.splits import assign_splits, split_corrections
 
 DEMO = Path(__file__).resolve().parents[2] / "data" / "demo"
 NOVEL = (DEMO / "roman19" / "txt" / "Maupassant_UneVie-rd0056.txt").read_text(encoding="utf-8")
@@ -306,3 +307,144 @@ def test_resume_encodes_only_what_finished_shards_lack_and_a_rerun_redoes_nothin
     monkeypatch.setattr(prepare_mod, "_encode_rows", must_not_run)
     assert prepare_mod.prepare(corpus_dir, out, tokenizer=small_tokenizer, workers=2) == clean
     assert (out / "manifest.json").read_bytes() == (tmp_path / "clean" / "manifest.json").read_bytes()
+
+
+def _write_tiny_sources(root: Path) -> Path:
+    """Six one-unit jsonl sources (one holding a copy of another's document), an empty one (no unit at
+    all), and a one-file text source (a single parent: its split is corrected when it ends)."""
+    root.mkdir(parents=True, exist_ok=True)
+    paragraphs = [NOVEL[4000 + 900 * k : 4000 + 900 * k + 800] for k in range(18)]
+    entries = []
+    for k in range(6):
+        texts = paragraphs[3 * k : 3 * k + 3] + ([paragraphs[4]] if k == 3 else [])  # s3 copies s1's
+        lines = [json.dumps({"key": f"d{j}", "text": t}, ensure_ascii=False) for j, t in enumerate(texts)]
+        (root / f"s{k}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        entries.append(f"{{id: s{k}, format: jsonl, paths: [s{k}.jsonl], id_field: key}}")
+        if k == 2:
+            (root / "empty.jsonl").write_text("", encoding="utf-8")
+            entries.append("{id: empty, format: jsonl, paths: [empty.jsonl]}")
+    (root / "book.txt").write_text(NOVEL[:9000], encoding="utf-8")
+    entries.insert(4, "{id: book, format: text, paths: [book.txt]}")
+    common = "licence: CC-BY-4.0, language: fr, domain: web, url: https://example.org"
+    listed = "\n".join(f"  - {e[:-1]}, {common}}}" for e in entries)
+    sources = root / "sources.yaml"
+    sources.write_text(
+        "seed: 3\nrelease: {licence: Apache-2.0}\npipeline: {chunk_chars: 3000}\n"
+        f"split: {{val_fraction: 0.5}}\nsources:\n{listed}\n",
+        encoding="utf-8",
+    )
+    return sources
+
+
+class _RecordingPool:
+    """A multiprocessing pool that notes, in the main process, which source each submitted task is for."""
+
+    def __init__(self, real, events: list):
+        self.real, self.events = real, events
+
+    def apply_async(self, fn, args):
+        arg = args[0]
+        source = arg.source if fn is pipeline_mod._before_dedup else arg[0][0].source
+        self.events.append(("submit", fn.__name__, source))
+        return self.real.apply_async(fn, args)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_the_next_sources_tasks_are_in_flight_before_a_source_ends(tmp_path, monkeypatch):
+    sf = load_sources(_write_tiny_sources(tmp_path / "corpus"))
+    events: list[tuple[str, str, str]] = []  # (submit | write | finish, stage or method, source id)
+
+    def recording(name):
+        real = getattr(pipeline_mod._SourceWriter, name)
+
+        def wrapped(self, *args):
+            events.append(("finish" if name == "finish" else "write", name, self.source.id))
+            return real(self, *args)
+
+        return wrapped
+
+    for name in ("problem", "removed", "done", "finish"):
+        monkeypatch.setattr(pipeline_mod._SourceWriter, name, recording(name))
+    with open_pool(sf, 2) as pool:
+        pool.pool = _RecordingPool(pool.pool, events)
+        curate_to(sf, tmp_path / "out", pool)
+        pool.pool = pool.pool.real
+    ids = [s.id for s in sf.sources]
+    assert [sid for kind, _, sid in events if kind == "finish"] == ids  # the empty source too, in order
+    with_units = [sid for sid in ids if sid != "empty"]
+    for stage in ("_before_dedup", "_after_dedup"):
+        # One task per unit, in corpus order (the empty source has none).
+        assert [sid for kind, name, sid in events if kind == "submit" and name == stage] == with_units
+    for sid, nxt in zip(with_units, with_units[1:], strict=False):
+        last_written = max(
+            i for i, (kind, _, source) in enumerate(events) if kind == "write" and source == sid
+        )
+        for stage in ("_before_dedup", "_after_dedup"):
+            # Source `nxt` is in the pool before the consumer has written source `sid`'s last record
+            # (one stream; each source used to drain the pool before the next one was read).
+            assert events.index(("submit", stage, nxt)) < last_written, (stage, sid, nxt)
+
+
+def test_tiny_sources_give_the_same_files_for_1_and_2_workers(tmp_path):
+    sf = load_sources(_write_tiny_sources(tmp_path / "corpus"))
+    results = {}
+    for workers in (1, 2):
+        with open_pool(sf, workers) as pool:
+            results[workers] = curate_to(sf, tmp_path / f"w{workers}", pool)
+    assert _files(tmp_path / "w1") == _files(tmp_path / "w2")
+    assert results[1] == results[2]
+    records = [json.loads(line) for line in (tmp_path / "w1" / "provenance.jsonl").open()]
+    assert [r["source"] for r in records] == sorted(
+        (r["source"] for r in records), key=[s.id for s in sf.sources].index
+    )
+    assert next(r for r in records if r["id"] == "s3:d3")["duplicate_of"] == "s1:d1"  # across sources
+    assert results[1].counts["empty"] == {"read": 0, "kept": 0, "removed": {}, "pii": {}, "chars": 0}
+    assert results[1].split_counts["empty"] == {"train": 0, "val": 0}
+    assert (tmp_path / "w1" / "curated" / "empty.jsonl").read_bytes() == b""
+    corrected = []
+    for s in sf.sources:
+        kept = [r for r in records if r["source"] == s.id and r["fate"] == "kept"]
+        expected = assign_splits([r["id"] for r in kept], 3, 0.5, [r["parent"] for r in kept])
+        assert [r["split"] for r in kept] == expected
+        assert results[1].split_counts[s.id] == {
+            "train": expected.count("train"),
+            "val": expected.count("val"),
+        }
+        if split_corrections({r["parent"] for r in kept}, 3, 0.5):
+            corrected.append(s.id)
+    # Sources rewritten at their end while the next ones were in flight: the one-file source (one
+    # parent cut into chunks, tentatively val, all train) and three whose parents fell on one side.
+    assert corrected == ["s1", "s2", "book", "s3"]
+    book = [r for r in records if r["source"] == "book"]
+    assert len(book) == 4 and {r["split"] for r in book} == {"train"}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_later_source_that_cannot_be_read_fails_after_an_earlier_fatal_problem(tmp_path, workers):
+    """The error is the first in corpus order, whatever the look-ahead has already started reading."""
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "a.jsonl").write_text('{"text": "unterminated\n', encoding="utf-8")
+    (root / "bad-name.txt").write_text(NOVEL[:2000], encoding="utf-8")
+    (root / "sources.yaml").write_text(
+        textwrap.dedent(
+            """\
+            release: {licence: Apache-2.0}
+            sources:
+              - {id: a, format: jsonl, paths: [a.jsonl], errors: fatal, licence: MIT, language: fr, domain: web,
+                 url: https://example.org}
+              - {id: b, format: text, paths: ["*.txt"], id_pattern: '-(bk\\d+)\\.txt$', licence: MIT, language: fr,
+                 domain: web, url: https://example.org}
+            """
+        ),
+        encoding="utf-8",
+    )
+    sf = load_sources(root / "sources.yaml")
+    with open_pool(sf, workers) as pool, pytest.raises(UserError, match=r"a\.jsonl:1: malformed JSON"):
+        curate_to(sf, tmp_path / "out", pool)
+    # Alone, the second source's error is raised (after the units before it).
+    sf.sources = sf.sources[1:]
+    with open_pool(sf, workers) as pool, pytest.raises(UserError, match="does not match the file name"):
+        curate_to(sf, tmp_path / "out2", pool)
