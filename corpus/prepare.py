@@ -308,39 +308,54 @@ class _ShardWriter:
         return shards
 
 
-def _shard_step(out: Path, s: Source, tok, fingerprint: str, max_tokens: int, pool: Callable[[], WorkerPool],
-                progress: bool) -> dict[str, list[dict]]:  # fmt: skip
-    """Both splits of a source in one pass over its curated file, encoded in the worker pool."""
-    writers = {split: _ShardWriter(out, s, split, tok, fingerprint, max_tokens) for split in SPLITS}
-    todo = [w for w in writers.values() if not w.complete]
+def _shard_step(out: Path, sources: list[Source], tok, fingerprint: str, max_tokens: int,
+                pool: Callable[[], WorkerPool], progress: bool) -> dict[str, dict[str, list[dict]]]:  # fmt: skip
+    """Every source's splits, from one pass over each curated file, encoded in the worker pool as one
+    ordered stream over all sources (the next source's rows are in flight while one finishes).
+    Returns {source id: {split: shard records}}."""
+    writers = {
+        s.id: {split: _ShardWriter(out, s, split, tok, fingerprint, max_tokens) for split in SPLITS}
+        for s in sources
+    }
+    todo = [s.id for s in sources if not all(w.complete for w in writers[s.id].values())]
     if todo:
-        curated = out / "curated" / f"{s.id}.jsonl"
-        start = min(w.resume_at for w in todo)
-        skip = {split: sys.maxsize if w.complete else w.resume_at for split, w in writers.items()}
-        bar = tqdm(total=curated.stat().st_size, initial=start, desc=f"encode {s.id}", unit="B",
-                   unit_scale=True, disable=not progress, leave=False)  # fmt: skip
+        files = {sid: out / "curated" / f"{sid}.jsonl" for sid in todo}
+        starts = {sid: min(w.resume_at for w in writers[sid].values() if not w.complete) for sid in todo}
+        bar = tqdm(total=sum(files[sid].stat().st_size - starts[sid] for sid in todo), desc="encode",
+                   unit="B", unit_scale=True, disable=not progress, leave=False)  # fmt: skip
 
         def tasks():
-            with open(curated, "rb") as f:
-                f.seek(start)
-                end = start
-                while lines := f.readlines(_ENCODE_UNIT_BYTES):
-                    items = []
-                    for raw in lines:
-                        end += len(raw)
-                        items.append((end, raw))
-                    yield end, (str(tok.path), skip, items)
+            for sid in todo:
+                skip = {
+                    split: sys.maxsize if w.complete else w.resume_at for split, w in writers[sid].items()
+                }
+                with open(files[sid], "rb") as f:
+                    f.seek(starts[sid])
+                    end = starts[sid]
+                    while lines := f.readlines(_ENCODE_UNIT_BYTES):
+                        begin, items = end, []
+                        for raw in lines:
+                            end += len(raw)
+                            items.append((end, raw))
+                        yield (sid, end - begin), (str(tok.path), skip, items)
 
-        position = start
-        for end, encoded in pool().map_ordered(_encode_rows, tasks()):
+        def finish(sid: str) -> None:
+            for w in writers[sid].values():
+                if not w.complete:
+                    w.finish()
+
+        finished = 0  # sources of `todo` finished so far, in order
+        for (sid, n_bytes), encoded in pool().map_ordered(_encode_rows, tasks()):
+            while todo[finished] != sid:  # the first rows of a later source: the ones before are whole
+                finish(todo[finished])
+                finished += 1
             for split, doc_end, doc in encoded:
-                writers[split].add(doc, doc_end)
-            bar.update(end - position)
-            position = end
+                writers[sid][split].add(doc, doc_end)
+            bar.update(n_bytes)
+        for sid in todo[finished:]:
+            finish(sid)
         bar.close()
-        for w in todo:
-            w.finish()
-    return {split: w.records(out) for split, w in writers.items()}
+    return {sid: {split: w.records(out) for split, w in ws.items()} for sid, ws in writers.items()}
 
 
 # ------------------------------------------------------------------------------------- prepare
@@ -439,11 +454,11 @@ def prepare(
         tok = _install_tokenizer(out, new_tok, tok_fp)
         lap("tokenizer")
         source_entries = {}
+        shards_of = _shard_step(out, sf.sources, tok, fingerprint, sf.shard_max_tokens, pool, progress)
         for s in sf.sources:
             split_entries = {}
-            shards_of = _shard_step(out, s, tok, fingerprint, sf.shard_max_tokens, pool, progress)
             for split in SPLITS:
-                shards = shards_of[split]
+                shards = shards_of[s.id][split]
                 split_entries[split] = {
                     "n_docs": sum(x["n_docs"] for x in shards),
                     "n_tokens": sum(x["n_tokens"] for x in shards),

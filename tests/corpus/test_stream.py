@@ -448,3 +448,44 @@ def test_a_later_source_that_cannot_be_read_fails_after_an_earlier_fatal_problem
     sf.sources = sf.sources[1:]
     with open_pool(sf, workers) as pool, pytest.raises(UserError, match="does not match the file name"):
         curate_to(sf, tmp_path / "out2", pool)
+
+
+def test_shard_encoding_is_one_stream_over_the_sources(tmp_path, small_tokenizer, monkeypatch):
+    """Encoding (prepare's shard step) pulls the next source's rows into the pool before it finishes a
+    source's shards, as curation does; the shards equal those of one worker."""
+    import corpus.prepare as prepare_mod
+
+    sources = _write_tiny_sources(tmp_path / "corpus")
+    # prepare refuses a source with nothing to train on: leave the empty one out.
+    text = sources.read_text(encoding="utf-8")
+    sources.write_text("\n".join(x for x in text.split("\n") if "id: empty" not in x), encoding="utf-8")
+    events: list[tuple[str, str]] = []  # (submit | finish, source id)
+    real_map, real_finish = WorkerPool.map_ordered, prepare_mod._ShardWriter.finish
+
+    def map_ordered(self, fn, tasks):
+        def pulled():
+            for context, arg in tasks:
+                if fn is prepare_mod._encode_rows:  # context: (source id, bytes)
+                    events.append(("submit", context[0] if isinstance(context, tuple) else None))
+                yield context, arg
+
+        return real_map(self, fn, pulled())
+
+    def finish(self):
+        if ("finish", self.folder.parent.name) not in events:
+            events.append(("finish", self.folder.parent.name))
+        return real_finish(self)
+
+    monkeypatch.setattr(WorkerPool, "map_ordered", map_ordered)
+    monkeypatch.setattr(prepare_mod._ShardWriter, "finish", finish)
+    two = prepare_mod.prepare(sources, tmp_path / "w2", tokenizer=small_tokenizer, workers=2)
+    ids = [s.id for s in load_sources(sources).sources]
+    assert [sid for kind, sid in events if kind == "finish"] == ids  # every source, in order
+    encoded = [sid for kind, sid in events if kind == "submit"]
+    assert encoded == ids  # one task per (small) curated file
+    for sid, nxt in zip(encoded, encoded[1:]):
+        # Source `nxt` is in the pool before source `sid`'s shards are finished (each source used to
+        # drain the pool before the next one was read).
+        assert events.index(("submit", nxt)) < events.index(("finish", sid)), (sid, nxt)
+    monkeypatch.undo()
+    assert prepare_mod.prepare(sources, tmp_path / "w1", tokenizer=small_tokenizer, workers=1) == two
