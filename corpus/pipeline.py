@@ -48,6 +48,7 @@ from corpus.stages import (
     load_wordlist,
     wordlist_path,
 )
+from tokenizer.files import iter_jsonl
 
 
 @dataclass
@@ -260,7 +261,7 @@ def _problem_record(p: Problem, source: str, licence: str) -> dict:
 #   ("problem", Problem)
 #   ("removed", doc id, rule, provenance line, pii counts)     removed before dedup: final
 #   ("alive", Doc, sha256 or None, signature or None)          for the dedup decision
-#   ("done", doc id, parent, rule, provenance line, curated row or None, pii counts, chars)
+#   ("done", doc id, parent, rule, split or None, provenance line, curated row or None, pii counts, chars)
 
 
 def _before_dedup(unit: ReadUnit) -> list[tuple]:
@@ -296,7 +297,17 @@ def _after_dedup(items: list[tuple[Doc, tuple[str, str] | None]]) -> list[tuple]
             content = {"messages": doc.messages} if doc.messages is not None else {"text": doc.text}
             row = _jsonl_line({"id": doc.id, "split": split, **content})
         out.append(
-            ("done", doc.id, doc.parent, rule, line, row, doc.pii, len(doc.content()) if not rule else 0)
+            (
+                "done",
+                doc.id,
+                doc.parent,
+                rule,
+                split,
+                line,
+                row,
+                doc.pii,
+                len(doc.content()) if not rule else 0,
+            )
         )
     return out
 
@@ -331,7 +342,14 @@ class _SourceWriter:
         self.provenance.write(line)
 
     def done(
-        self, parent: str, rule: str | None, line: bytes, row: bytes | None, pii: dict, chars: int
+        self,
+        parent: str,
+        rule: str | None,
+        split: str | None,
+        line: bytes,
+        row: bytes | None,
+        pii: dict,
+        chars: int,
     ) -> None:
         self._count(rule, pii)
         self.provenance.write(line)
@@ -339,7 +357,7 @@ class _SourceWriter:
             self.counts["chars"] += chars
             self.curated.write(row)
             self.parents.add(parent)
-            self.split_counts[tentative_split(parent, self.seed, self.fraction)] += 1
+            self.split_counts[split] += 1
 
     def _count(self, rule: str | None, pii: dict) -> None:
         c = self.counts
@@ -539,7 +557,7 @@ def curate(sf: SourcesFile, workers: int = 1, progress: bool = False) -> Curated
     tests; `corpus.prepare` streams with `curate_to`). Raises UserError on fatal bad input."""
     with open_pool(sf, workers) as pool, tempfile.TemporaryDirectory() as tmp:
         result = curate_to(sf, Path(tmp), pool, progress)
-        provenance = list(iter_jsonl(Path(tmp) / "provenance.jsonl"))
+        provenance = [record for _, record in iter_jsonl(Path(tmp) / "provenance.jsonl")]
         # A kept document's parent, hashes and metadata are in its provenance record, in the same order.
         kept = collections.defaultdict(list)
         for record in provenance:
@@ -547,7 +565,7 @@ def curate(sf: SourcesFile, workers: int = 1, progress: bool = False) -> Curated
                 kept[record["source"]].append(record)
         docs: dict[str, list[Doc]] = {}
         for s in sf.sources:
-            rows = iter_jsonl(Path(tmp) / "curated" / f"{s.id}.jsonl")
+            rows = (row for _, row in iter_jsonl(Path(tmp) / "curated" / f"{s.id}.jsonl"))
             docs[s.id] = [
                 Doc(id=row["id"], source=s.id, parent=r["parent"], raw_sha256=r["raw_sha256"],
                     text=row.get("text"), messages=row.get("messages"),
@@ -555,13 +573,6 @@ def curate(sf: SourcesFile, workers: int = 1, progress: bool = False) -> Curated
                 for row, r in zip(rows, kept[s.id], strict=True)
             ]  # fmt: skip
     return Curated(docs, provenance, result.counts, result.optout_entries)
-
-
-def iter_jsonl(path: Path) -> Iterator[dict]:
-    """The records of a JSON Lines file this package wrote, one at a time."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
 
 
 def default_workers() -> int:

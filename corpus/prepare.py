@@ -31,11 +31,12 @@ from tqdm import tqdm
 from communs import UserError
 from corpus.licences import LICENCES
 from corpus.manifest import canonical_json, load_manifest, write_manifest
-from corpus.pipeline import WorkerPool, curate_to, default_workers, iter_jsonl, open_pool, worker_state
+from corpus.pipeline import WorkerPool, curate_to, default_workers, open_pool, worker_state
 from corpus.seen import build_index
 from corpus.shards import sha256_file, write_shard
 from corpus.sources import Source, SourcesFile, load_sources
-from corpus.stages import STAGE_VERSIONS, wordlist_path
+from corpus.stages import STAGE_VERSIONS, content_text, wordlist_path
+from tokenizer.files import iter_jsonl
 
 SPLITS = ("train", "val")
 _ENCODE_UNIT_BYTES = 1 << 18  # curated rows per encoding task (read back as raw lines)
@@ -125,16 +126,13 @@ def _install_curated(out: Path, sf: SourcesFile, staging: Path, state: dict) -> 
 
 def _curated_rows(curated_dir: Path, source_id: str, split: str):
     """The kept rows of a source's split, streamed from its curated file."""
-    for row in iter_jsonl(curated_dir / "curated" / f"{source_id}.jsonl"):
+    for _, row in iter_jsonl(curated_dir / "curated" / f"{source_id}.jsonl"):
         if row["split"] == split:
             yield row
 
 
 def _content(row: dict) -> str:
-    """What the filters saw, and the tokenizer samples: the text, or a chat's contents one per line."""
-    if "messages" in row:
-        return "\n".join(m["content"] for m in row["messages"])
-    return row["text"]
+    return content_text(row.get("text"), row.get("messages"))
 
 
 # ----------------------------------------------------------------------------------- tokenizer

@@ -19,20 +19,20 @@ def split_rank(parent: str, seed: int) -> float:
     return int.from_bytes(h[:8], "big") / 2**64
 
 
-def is_val(doc_id: str, seed: int, fraction: float) -> bool:
-    """Held-out or not, from a hash of the (parent) document id (stable when other documents change)."""
-    return split_rank(doc_id, seed) < fraction
-
-
 def tentative_split(parent: str, seed: int, fraction: float) -> str:
-    return "val" if split_rank(parent, seed) < fraction else "train"
+    """The split of a parent document on its own (stable when other documents change)."""
+    return _split_of(split_rank(parent, seed), fraction)
+
+
+def _split_of(rank: float, fraction: float) -> str:
+    return "val" if rank < fraction else "train"
 
 
 def split_corrections(parents: Iterable[str], seed: int, fraction: float) -> dict[str, str]:
     """{parent: final split} for the parents whose final split differs from `tentative_split`."""
     unique = sorted(set(parents))
     ranks = {p: split_rank(p, seed) for p in unique}
-    tentative = {p: "val" if r < fraction else "train" for p, r in ranks.items()}
+    tentative = {p: _split_of(r, fraction) for p, r in ranks.items()}
     if len(unique) < 2 or fraction <= 0:
         return {p: "train" for p, sp in tentative.items() if sp == "val"}
     if "val" not in tentative.values():

@@ -64,6 +64,14 @@ STAGE_DEFAULTS: dict[str, dict] = {
 }
 
 
+def content_text(text: str | None, messages: list[dict] | None) -> str:
+    """What the filters look at and the tokenizer samples: the text, or a chat's message contents one
+    per line."""
+    if messages is None:
+        return text or ""
+    return "\n".join(m["content"] for m in messages)
+
+
 @dataclass
 class Doc:
     """One document (or chunk of a long one) on its way through the pipeline."""
@@ -79,9 +87,7 @@ class Doc:
 
     def content(self) -> str:
         """The text the filters look at (a chat's message contents, one per line)."""
-        if self.messages is None:
-            return self.text or ""
-        return "\n".join(m["content"] for m in self.messages)
+        return content_text(self.text, self.messages)
 
     def map_text(self, fn) -> None:
         if self.messages is None:

@@ -104,14 +104,20 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.jsonl"))}
 
 
-def test_same_files_for_1_and_2_workers_and_splits_as_assign_splits(tmp_path):
-    sf = load_sources(_write_stream_corpus(tmp_path / "corpus"))
+def _curate_with_1_and_2_workers(sf, tmp_path: Path) -> dict:
+    """Curate into tmp_path/w1 and tmp_path/w2; the files and the results must be the same."""
     results = {}
     for workers in (1, 2):
         with open_pool(sf, workers) as pool:
             results[workers] = curate_to(sf, tmp_path / f"w{workers}", pool)
     assert _files(tmp_path / "w1") == _files(tmp_path / "w2")
     assert results[1] == results[2]
+    return results
+
+
+def test_same_files_for_1_and_2_workers_and_splits_as_assign_splits(tmp_path):
+    sf = load_sources(_write_stream_corpus(tmp_path / "corpus"))
+    results = _curate_with_1_and_2_workers(sf, tmp_path)
 
     records = [json.loads(line) for line in (tmp_path / "w1" / "provenance.jsonl").open()]
     rules = {r["rule"] for r in records}
@@ -389,12 +395,7 @@ def test_the_next_sources_tasks_are_in_flight_before_a_source_ends(tmp_path, mon
 
 def test_tiny_sources_give_the_same_files_for_1_and_2_workers(tmp_path):
     sf = load_sources(_write_tiny_sources(tmp_path / "corpus"))
-    results = {}
-    for workers in (1, 2):
-        with open_pool(sf, workers) as pool:
-            results[workers] = curate_to(sf, tmp_path / f"w{workers}", pool)
-    assert _files(tmp_path / "w1") == _files(tmp_path / "w2")
-    assert results[1] == results[2]
+    results = _curate_with_1_and_2_workers(sf, tmp_path)
     records = [json.loads(line) for line in (tmp_path / "w1" / "provenance.jsonl").open()]
     assert [r["source"] for r in records] == sorted(
         (r["source"] for r in records), key=[s.id for s in sf.sources].index
