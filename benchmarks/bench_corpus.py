@@ -5,13 +5,14 @@
    dedup → opt-out → licence), long documents cut into 20,000-character chunks. Reported: MB per
    CPU-second (= MB/s per core, robust to a busy machine) and MB/s of wall time, with 1 and with 2
    worker processes in alternated rounds, the wall speed-up, and each stage's MB/s alone.
-2. Loader: `PackedReader.batch` (a per-window table built at open, one concatenate for the tokens,
-   position rows cut from a strided ramp; see corpus/loader.py) vs `PerSampleGather` (what a
+2. Loader: `PackedReader.batch`, with the compiled gather (`c`: one pass in corpus/_gather.c) and with
+   its numpy path (`numpy`: a per-window table built at open, one concatenate for the tokens, position
+   rows cut from a strided ramp; see corpus/loader.py), vs `PerSampleGather` (what a
    Dataset.__getitem__ + collate does: for each window, a Python loop over the documents it
    overlaps, then np.stack; its docstring says exactly what it does), batch 8 × seq 1024 and
    32 × 2048, on 4 shards of long documents (the novel chunks above, ~4,900 tokens) and of short
    ones (GSM8K problems, ~320 tokens), encoded with a tokenizer trained on the chunks. Outputs
-   (values and dtypes) checked equal first; µs per batch printed for both.
+   (values and dtypes) checked equal first; µs per batch printed for each.
 3. Loader as a share of a training step: `PackedReader.batch` for one step's batch vs one
    forward+backward of model.llama's `tiny` model (vocab 8192, batch 8 × seq 256, fp32, CPU).
 
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from corpus.loader import PackedReader  # noqa: E402
+from corpus.loader import KERNELS, PackedReader, _gather  # noqa: E402
 from corpus.pipeline import curate  # noqa: E402
 from corpus.shards import write_shard  # noqa: E402
 from corpus.sources import load_sources  # noqa: E402
@@ -312,28 +313,38 @@ def bench_loader(
             write_shard(prefix, arrays[k::4])
         prefixes.append(prefix)
     reader = PackedReader(prefixes, seq_len)
+    readers = {
+        kernel: PackedReader(prefixes, seq_len, kernel=kernel)
+        for kernel in KERNELS
+        if kernel != "c" or _gather
+    }
     gather = PerSampleGather(reader)
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, len(reader), batch) for _ in range(200)]
     for idx in batches[:20]:
-        got = reader.batch(idx)
-        for row, i in enumerate(idx):
-            for g, r in zip(got, gather(int(i))):
-                assert np.array_equal(g[row], r) and g.dtype == r.dtype
+        for r in readers.values():
+            got = r.batch(idx)
+            for row, i in enumerate(idx):
+                for g, want in zip(got, gather(int(i))):
+                    assert np.array_equal(g[row], want) and g.dtype == want.dtype
 
-    def vectorised():
-        for idx in batches:
-            reader.batch(idx)
+    def batched(r):
+        def run():
+            for idx in batches:
+                r.batch(idx)
+
+        return run
 
     def per_sample():
         for idx in batches:
             parts = [gather(int(i)) for i in idx]
             [np.stack(p) for p in zip(*parts)]
 
-    times: dict[str, list[float]] = {"batch": [], "per_sample": []}
-    contestants = [("batch", vectorised), ("per_sample", per_sample)]
+    contestants = [(f"batch ({k})", batched(r)) for k, r in readers.items()] + [("per_sample", per_sample)]
+    times: dict[str, list[float]] = {name: [] for name, _ in contestants}
     for r in range(max(rounds, 9)):
-        for cname, fn in contestants if r % 2 == 0 else contestants[::-1]:
+        shift = r % len(contestants)  # rotate the order every round
+        for cname, fn in contestants[shift:] + contestants[:shift]:
             t0 = time.perf_counter()
             fn()
             times[cname].append(time.perf_counter() - t0)
@@ -342,16 +353,20 @@ def bench_loader(
     print(
         f"\nLoader, {name}: {reader.n_tokens:,} tokens, {len(prefixes)} shards, {reader.n_docs} docs "
         f"(mean {reader.n_tokens / reader.n_docs:.0f} tokens), batch {batch} x seq {seq_len}: "
-        f"PackedReader.batch {us['batch']:.1f} µs/batch ({n_tok / statistics.median(times['batch']) / 1e6:.0f} "
-        f"M tokens/s), per-sample {us['per_sample']:.1f} µs/batch; CPU pressure {_cpu_pressure()}"
+        + ", ".join(
+            f"{k} {us[k]:.1f} µs/batch ({n_tok / statistics.median(v) / 1e6:.0f} M tokens/s)"
+            for k, v in times.items()
+        )
+        + f"; CPU pressure {_cpu_pressure()}"
     )
     ratio_table(
         f"Loader speed-up, {name} (their time / ours)",
         [
             (
-                "per-sample gather (loop over docs) / batch",
-                [a / b for a, b in zip(times["per_sample"], times["batch"])],
+                f"per-sample gather (loop over docs) / batch ({k})",
+                [a / b for a, b in zip(times["per_sample"], times[f"batch ({k})"])],
             )
+            for k in readers
         ],
     )
     return reader

@@ -13,8 +13,13 @@ the tail that does not fill a window is not served.
   before it predicts it) or where the shard's loss mask is 0 (chat data: non-assistant tokens).
 `batch(indices)` stacks windows: (B, T+1), (B, T), (B, T); the two last are views of (B, T+1) arrays.
 
-How a batch is built (the cost is a fixed number of numpy calls plus a little Python per window; a
-numpy call costs ~0.3–1 µs whatever its size, so at 8 windows the call count is what matters):
+How a batch is built. The fast path is one call into `corpus._gather` (corpus/_gather.c, compiled at
+install): per window, two binary searches (its shard, its first document), then one pass that copies
+and widens the tokens and writes positions and loss mask, with no temporaries. Where that extension
+could not be compiled, the numpy path below computes the same arrays (both are tested against a
+per-document reference; `kernel=` picks one). The numpy path's cost is a fixed number of numpy calls
+plus a little Python per window; a numpy call costs ~0.3–1 µs whatever its size, so at 8 windows the
+call count is what matters:
 - at open, one row per window, `_windows` (n_windows, 4): the shard holding the window (-1 when it
   crosses a shard boundary), the position of its first token in its document (-1 when beyond the
   ramp below), how many documents start inside it, and its first document — 16 B a window, kept up to
@@ -40,6 +45,13 @@ import numpy as np
 
 from corpus.shards import Shard
 
+try:
+    from corpus import _gather
+except ImportError:  # not compiled (no C compiler at install): the numpy path serves
+    _gather = None
+
+KERNELS = ("c", "numpy")
+
 # The ramp (0, 1, 2, …) that position rows are cut from is as long as the deepest window start inside
 # a document needs, up to this many entries (8 MiB); a window that starts deeper gets its row computed.
 RAMP_LIMIT = 1 << 20
@@ -53,7 +65,13 @@ TABLE_LIMIT_BYTES = 256 << 20
 
 
 class PackedReader:
-    def __init__(self, prefixes: Sequence[str | os.PathLike], seq_len: int):
+    def __init__(self, prefixes: Sequence[str | os.PathLike], seq_len: int, kernel: str | None = None):
+        """`kernel`: "c" (the compiled gather, the default when built) or "numpy"."""
+        kernel = kernel or ("c" if _gather is not None else "numpy")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if kernel == "c" and _gather is None:
+            raise ValueError("kernel 'c' needs corpus._gather, which was not compiled at install")
         if seq_len < 1:
             raise ValueError(f"seq_len must be at least 1, got {seq_len}")
         if not prefixes:
@@ -77,7 +95,13 @@ class PackedReader:
         self._masks = [None if s.mask is None else np.asarray(s.mask).view(bool) for s in self.shards]
         self._all_true = np.ones(seq_len + 1, dtype=bool)  # the mask of a window from a shard without one
         self._columns = np.arange(seq_len + 1, dtype=np.int64)
-        self._build_windows()
+        self.kernel = kernel
+        if kernel == "c":
+            # The memory maps' addresses: valid while self._tokens / self._masks hold the maps open.
+            self._token_addresses = np.array([_address(t) for t in self._tokens], dtype=np.uint64)
+            self._mask_addresses = np.array([_address(m) for m in self._masks], dtype=np.uint64)
+        else:
+            self._build_windows()
 
     def _build_windows(self) -> None:
         """The position ramp, and the per-window table when it fits under TABLE_LIMIT_BYTES."""
@@ -142,6 +166,17 @@ class PackedReader:
 
     def batch(self, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Windows `indices` stacked: tokens (B, T+1), position_ids (B, T), loss_mask (B, T)."""
+        if self.kernel == "c":
+            idx = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
+            T, B = self.seq_len, len(idx)
+            tokens = np.empty((B, T + 1), dtype=np.int64)
+            positions = np.empty((B, T), dtype=np.int64)
+            loss_mask = np.empty((B, T), dtype=bool)
+            _gather.gather(
+                tokens, positions, loss_mask, self._token_addresses, self._mask_addresses,
+                self._bounds, self._doc_bounds, idx, T,
+            )  # fmt: skip
+            return tokens, positions, loss_mask
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         ids = idx.tolist()
         n = len(self)
@@ -229,3 +264,11 @@ class PackedReader:
             raise IndexError(f"window {i} out of range [0, {len(self)})")
         tokens, positions, loss_mask = self.batch([i % len(self)])
         return tokens[0], positions[0], loss_mask[0]
+
+
+def _address(array: np.ndarray | None) -> int:
+    """The address of a C-contiguous array's first element (0 for None)."""
+    if array is None:
+        return 0
+    assert array.flags.c_contiguous
+    return array.__array_interface__["data"][0]

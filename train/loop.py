@@ -143,13 +143,37 @@ class MicroBatch:
     n_scored: int
 
 
-def make_batch(windows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], device: torch.device) -> MicroBatch:
-    """Stack PackedReader windows (tokens (T+1,), position_ids (T,), loss_mask (T,)) into a micro-batch."""
-    tokens = torch.from_numpy(np.stack([np.asarray(w[0], dtype=np.int64) for w in windows]))  # (B, T+1)
-    positions = torch.from_numpy(np.stack([np.asarray(w[1], dtype=np.int64) for w in windows]))  # (B, T)
-    scored = torch.from_numpy(np.stack([np.asarray(w[2], dtype=bool) for w in windows]))  # (B, T)
-    targets = torch.where(scored, tokens[:, 1:], torch.full_like(tokens[:, 1:], IGNORE))
-    return MicroBatch(tokens[:, :-1].to(device), positions.to(device), targets.to(device), int(scored.sum()))
+def make_batch(
+    tokens: np.ndarray, positions: np.ndarray, scored: np.ndarray, device: torch.device
+) -> MicroBatch:
+    """A micro-batch from stacked windows (`PackedReader.batch`): tokens (B, T+1), position_ids (B, T),
+    loss mask (B, T). The arrays are used as they are (no copy on the host)."""
+    tokens, scored = torch.from_numpy(tokens), torch.from_numpy(scored)
+    targets = torch.where(scored, tokens[:, 1:], IGNORE)
+    return MicroBatch(
+        tokens[:, :-1].to(device),
+        torch.from_numpy(positions).to(device),
+        targets.to(device),
+        int(scored.sum()),
+    )
+
+
+def gather_windows(readers: dict, picks: list[tuple[str, int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windows (source, window index) stacked in this order: one `batch` call per source; a micro-batch
+    drawn from one source (the usual case) is that call's arrays as they are."""
+    by_source: dict[str, list[int]] = {}
+    for j, (src, _) in enumerate(picks):
+        by_source.setdefault(src, []).append(j)
+    if len(by_source) == 1:
+        return readers[picks[0][0]].batch([w for _, w in picks])
+    out = None
+    for src, js in by_source.items():
+        part = readers[src].batch([picks[j][1] for j in js])
+        if out is None:
+            out = [np.empty((len(picks), *a.shape[1:]), dtype=a.dtype) for a in part]
+        for whole, a in zip(out, part):
+            whole[js] = a
+    return tuple(out)
 
 
 def rank_micro_batches(
@@ -158,19 +182,10 @@ def rank_micro_batches(
     """This rank's part of the step's slots (the r-th contiguous share), as micro-batches of `mbs` windows."""
     per_rank = len(slots) // world
     mine = slots[rank * per_rank : (rank + 1) * per_rank]
-    out = []
-    for i in range(0, per_rank, mbs):
-        chunk = mine[i : i + mbs]
-        rows: list = [None] * len(chunk)
-        by_source: dict[str, list[int]] = {}
-        for j, slot in enumerate(chunk):
-            by_source.setdefault(slot.source, []).append(j)
-        for src, js in by_source.items():  # one vectorised gather per source
-            tokens, positions, scored = readers[src].batch([chunk[j].window for j in js])
-            for k, j in enumerate(js):
-                rows[j] = (tokens[k], positions[k], scored[k])
-        out.append(make_batch(rows, device))
-    return out
+    return [
+        make_batch(*gather_windows(readers, [(s.source, s.window) for s in mine[i : i + mbs]]), device)
+        for i in range(0, per_rank, mbs)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,12 +290,10 @@ def evaluate(engine, readers: dict, seq_len: int, mbs: int, max_tokens: int, dev
         sums = torch.zeros(2, dtype=torch.float64)
         for b in range(n_batches):
             idx = mine[b * mbs : (b + 1) * mbs]
-            rows = [reader[i] for i in idx]
-            pad = mbs - len(rows)
-            if pad:  # unscored filler rows
-                t, p, m = reader[0]
-                rows += [(t, p, np.zeros_like(np.asarray(m, dtype=bool)))] * pad
-            mb = make_batch(rows, device)
+            pad = mbs - len(idx)
+            tokens, positions, scored = reader.batch(idx + [0] * pad)
+            scored[len(idx) :] = False  # unscored filler rows
+            mb = make_batch(tokens, positions, scored, device)
             targets = mb.targets
             if mb.n_scored == 0:
                 targets = targets.clone()

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -7,9 +9,10 @@ import corpus.loader
 from corpus.loader import PackedReader
 from corpus.shards import Shard, write_shard
 
-# batch() computes positions by slices (few document starts) or by a vectorised pass (many), and takes
-# its windows' rows from the table built at open or (a corpus past TABLE_LIMIT_BYTES) computes them per
-# batch: test every combination. name -> (VECTORISE_ABOVE, TABLE_LIMIT_BYTES)
+# batch() runs the compiled gather ("c"), or its numpy path, which computes positions by slices (few
+# document starts) or by a vectorised pass (many), and takes its windows' rows from the table built at
+# open or (a corpus past TABLE_LIMIT_BYTES) computes them per batch: test every one.
+# numpy path name -> (VECTORISE_ABOVE, TABLE_LIMIT_BYTES)
 PATHS = {
     "slices": (1e9, 1 << 40),
     "vectorised": (-1.0, 1 << 40),
@@ -18,8 +21,13 @@ PATHS = {
 }
 
 
-@pytest.fixture(params=sorted(PATHS))
+@pytest.fixture(params=["c", *sorted(PATHS)])
 def path(request, monkeypatch):
+    if request.param == "c":
+        if corpus.loader._gather is None:
+            pytest.skip("corpus._gather is not compiled (test_the_compiled_gather_is_built says why)")
+        return "c"
+    monkeypatch.setattr(corpus.loader, "_gather", None)  # readers opened by the test take the numpy path
     vectorise_above, table_limit = PATHS[request.param]
     monkeypatch.setattr(corpus.loader, "VECTORISE_ABOVE", vectorise_above)
     monkeypatch.setattr(corpus.loader, "TABLE_LIMIT_BYTES", table_limit)
@@ -125,7 +133,8 @@ def test_windows_crossing_several_shards_with_mixed_chat_masks(tmp_path, path):
         parts.append(part)
         docs += part
     reader = PackedReader(_write(tmp_path, parts), 24)
-    assert reader.has_mask and (reader._window_rows(np.arange(len(reader)))[:, 0] == -1).sum() >= 3
+    table = PackedReader(_write(tmp_path, parts), 24, kernel="numpy")._window_rows(np.arange(len(reader)))
+    assert reader.has_mask and (table[:, 0] == -1).sum() >= 3
     _check_all_windows(reader, docs, rng)
 
 
@@ -135,16 +144,17 @@ def test_windows_deeper_than_the_ramp(tmp_path, monkeypatch, path):
     rng = np.random.default_rng(5)
     docs = [rng.integers(6, 500, n).astype(np.uint32) for n in (300, 5, 211)]
     reader = PackedReader(_write(tmp_path, [docs]), 8)
-    rows = reader._window_rows(np.arange(len(reader)))
-    assert len(reader._ramp) == 20 and (rows[:, 1] == -1).sum() > len(reader) // 2
-    assert (reader._windows is None) == path.endswith("no-table")
+    if path != "c":
+        rows = reader._window_rows(np.arange(len(reader)))
+        assert len(reader._ramp) == 20 and (rows[:, 1] == -1).sum() > len(reader) // 2
+        assert (reader._windows is None) == path.endswith("no-table")
     _check_all_windows(reader, docs, rng)
 
 
 def test_window_table_equals_a_direct_computation(tmp_path):
     rng = np.random.default_rng(6)
     parts = [_docs(rng, n, False) for n in (9, 0, 4, 13)]
-    reader = PackedReader(_write(tmp_path, parts), 10)
+    reader = PackedReader(_write(tmp_path, parts), 10, kernel="numpy")
     lengths = [len(d) for part in parts for d in part]
     doc_starts = np.concatenate([[0], np.cumsum(lengths)])[:-1].tolist()
     shard_bounds = np.cumsum([0] + [sum(len(d) for d in part) for part in parts]).tolist()
@@ -163,9 +173,20 @@ def test_window_table_equals_a_direct_computation(tmp_path):
     np.testing.assert_array_equal(reader._ramp_rows[3], np.arange(3, 3 + T + 1))
 
 
-def test_batch_edge_cases(tmp_path):
+def test_the_compiled_gather_is_built():
+    # Where a C compiler exists, `pip install -e .` must have built corpus._gather: a failed build is
+    # optional for setuptools (the numpy path serves) but must not go unnoticed here.
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert corpus.loader._gather is not None, "corpus._gather did not compile: see pip's build output"
+
+
+@pytest.mark.parametrize("kernel", corpus.loader.KERNELS)
+def test_batch_edge_cases(tmp_path, kernel):
+    if kernel == "c" and corpus.loader._gather is None:
+        pytest.skip("corpus._gather is not compiled")
     write_shard(tmp_path / "a", _docs(np.random.default_rng(7), 20, True))
-    reader = PackedReader([tmp_path / "a"], 8)
+    reader = PackedReader([tmp_path / "a"], 8, kernel=kernel)
+    assert reader.kernel == kernel
     tokens, positions, loss = reader.batch([])
     assert tokens.shape == (0, 9) and positions.shape == (0, 8) and loss.shape == (0, 8)
     assert tokens.dtype == positions.dtype == np.int64 and loss.dtype == bool

@@ -273,3 +273,34 @@ def test_torchrun_passes_every_stop_signal_on_and_waits_for_the_checkpoint():
     handled = cmd[cmd.index("--signals-to-handle") + 1].split(",")
     assert {"SIGTERM", "SIGUSR1", "SIGINT"} <= set(handled)
     assert int(cmd[cmd.index("--shutdown-timeout") + 1]) == 30 * 60 + 600  # not torchrun's 30 s
+
+
+def test_micro_batches_mixing_sources_hold_each_window_in_its_slot(tmp_path):
+    # A micro-batch drawn from two sources is one batch() call per source, its rows put back in slot order.
+    import numpy as np
+
+    from corpus.loader import PackedReader
+    from corpus.shards import write_shard
+
+    rng = np.random.default_rng(0)
+    readers = {}
+    for src, with_mask in (("text", False), ("chat", True)):
+        docs = []
+        for _ in range(20):
+            t = rng.integers(6, 500, int(rng.integers(5, 60))).astype(np.uint32)
+            docs.append((t, rng.integers(0, 2, len(t)).astype(np.uint8)) if with_mask else t)
+        write_shard(tmp_path / src, docs)
+        readers[src] = PackedReader([tmp_path / src], 16)
+    picks = [("chat", 3), ("text", 0), ("text", 7), ("chat", 3), ("chat", 1), ("text", 2)]
+    tokens, positions, scored = loop.gather_windows(readers, picks)
+    for row, (src, w) in enumerate(picks):
+        for got, want in zip((tokens, positions, scored), readers[src][w]):
+            np.testing.assert_array_equal(got[row], want)
+    one = loop.gather_windows(readers, [("text", 5), ("text", 1)])  # one source: its batch as it is
+    for got, want in zip(one, readers["text"].batch([5, 1])):
+        np.testing.assert_array_equal(got, want)
+    mb = loop.make_batch(tokens, positions, scored, torch.device("cpu"))
+    assert mb.n_scored == int(scored.sum()) and mb.input_ids.shape == (6, 16)
+    expected = np.where(scored, tokens[:, 1:], loop.IGNORE)
+    np.testing.assert_array_equal(mb.targets.numpy(), expected)
+    np.testing.assert_array_equal(mb.input_ids.numpy(), tokens[:, :-1])
