@@ -144,6 +144,11 @@ class PackedReader:
     def __len__(self) -> int:
         return max(0, (self.n_tokens - 1) // self.seq_len)
 
+    def __reduce__(self):
+        # A copy in another process (a DataLoader worker, spawn) opens the shards again: the memory maps'
+        # addresses of this one mean nothing there, and pickling the maps would copy every token.
+        return PackedReader, ([s.prefix for s in self.shards], self.seq_len, self.kernel)
+
     def order(self, seed: int, epoch: int = 0) -> np.ndarray:
         """A seeded permutation of the window indices (a pure function of seed, epoch and len)."""
         return np.random.default_rng([seed, epoch, len(self)]).permutation(len(self))

@@ -218,3 +218,42 @@ def test_shard_roundtrip(tmp_path):
     for i, (t, m) in enumerate(docs):
         np.testing.assert_array_equal(shard.doc(i), t)
         np.testing.assert_array_equal(shard.doc_mask(i), m)
+
+
+def test_a_pickled_reader_opens_its_shards_again(tmp_path):
+    import pickle
+
+    docs = _docs(np.random.default_rng(8), 30, True)
+    reader = PackedReader(_write(tmp_path, [docs[:10], docs[10:]]), 8)
+    data = pickle.dumps(reader)
+    assert len(data) < 2000  # the prefixes, not the tokens
+    copy = pickle.loads(data)
+    assert copy.kernel == reader.kernel and len(copy) == len(reader)
+    idx = np.arange(len(reader))
+    for got, want in zip(copy.batch(idx), reader.batch(idx)):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(corpus.loader._gather is None, reason="corpus._gather is not compiled")
+def test_the_compiled_gather_equals_the_numpy_path_on_long_windows(tmp_path, monkeypatch):
+    # Documents of 0 to 3,000 tokens over 5 shards (chat masks on some), windows of 1,024: the C kernel
+    # and both numpy position paths agree on every window, in random batches with repeats.
+    rng = np.random.default_rng(9)
+    parts = []
+    for k in range(5):
+        docs = []
+        for _ in range(int(rng.integers(2, 12))):
+            t = rng.integers(0, 2**32, int(rng.integers(0, 3000)), dtype=np.uint64).astype(np.uint32)
+            docs.append((t, rng.integers(0, 2, len(t)).astype(np.uint8)) if k % 2 else t)
+        parts.append(docs)
+    prefixes = _write(tmp_path, parts)
+    fast = PackedReader(prefixes, 1024, kernel="c")
+    idx = np.concatenate([rng.permutation(len(fast)), rng.integers(0, len(fast), 40)])
+    got = fast.batch(idx)
+    assert [a.flags.c_contiguous for a in got] == [True, True, True]
+    for vectorise_above in (1e9, -1.0):
+        monkeypatch.setattr(corpus.loader, "VECTORISE_ABOVE", vectorise_above)
+        want = PackedReader(prefixes, 1024, kernel="numpy").batch(idx)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype
+            np.testing.assert_array_equal(g, w)
