@@ -11,7 +11,8 @@ the tail that does not fill a window is not served.
   a window that starts inside a document continues that document's positions;
 - loss_mask is on the targets tokens[1:]: 0 where the target is a document's first token (nothing
   before it predicts it) or where the shard's loss mask is 0 (chat data: non-assistant tokens).
-`batch(indices)` stacks windows: (B, T+1), (B, T), (B, T); the two last are views of (B, T+1) arrays.
+`batch(indices)` stacks windows: (B, T+1), (B, T), (B, T) (the numpy path returns the two last as views
+of (B, T+1) arrays; the C path, contiguous arrays).
 
 How a batch is built. The fast path is one call into `corpus._gather` (corpus/_gather.c, compiled at
 install): per window, two binary searches (its shard, its first document), then one pass that copies
