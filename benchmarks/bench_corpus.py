@@ -15,10 +15,21 @@
    (values and dtypes) checked equal first; µs per batch printed for each.
 3. Loader as a share of a training step: `PackedReader.batch` for one step's batch vs one
    forward+backward of model.llama's `tiny` model (vocab 8192, batch 8 × seq 256, fp32, CPU).
+4. Structured records (`--only structured`, < 60 s): a parquet source (~30 MB of the French corpus cut
+   into ~2,000-character records, 12 row groups) curated with 2 workers, its records decoded in the
+   workers from row-range units (corpus/readers.py) vs the reader it replaced (HF `datasets` streaming
+   in the main process, batches of 256 records pickled to the workers, reimplemented here): wall time
+   and the main process's share of the CPU, side by side in alternated rounds. The stages that cost
+   most per document (quality, langid, toxicity, PII, dedup) are off, so that reading shows.
+5. Dedup index (`--only dedup`, ~20 s): 200k synthetic documents (num_perm 128, exact and near
+   copies) through `DedupIndex` in RAM and spilled to memory-mapped files past a 16 MiB budget,
+   a piece at a time in alternated order: decisions checked equal, RAM held and bytes in files per
+   document, and the ratio of check() times.
 
 Each ratio is per round (contestants alternated, order rotated), median and min-max over rounds.
-Run: `python benchmarks/bench_corpus.py [--mb 6] [--rounds 3] [--only loader]` (a few minutes on 2
-cores; `--only loader` curates the chunks once, untimed, and runs parts 2 and 3 only).
+Run: `python benchmarks/bench_corpus.py [--mb 6] [--rounds 3] [--only loader|structured|dedup]` (a
+few minutes on 2 cores; `--only loader` curates the chunks once, untimed, and runs parts 2 and 3
+only; `--only structured` part 4 only; `--only dedup` part 5 only).
 """
 
 from __future__ import annotations
@@ -260,6 +271,113 @@ def bench_pipeline(folder: Path, n_bytes: int, rounds: int) -> list:
     return docs
 
 
+def _old_structured_units(source, base):
+    """The reader structured sources had before their units were decoded in the workers: every record
+    decoded by HF `datasets` streaming in the main process and sent in batches of 256."""
+    import datasets
+
+    from corpus.readers import ReadUnit, _rel, read_units
+
+    if source.format != "parquet":
+        yield from read_units(source, base)
+        return
+    for path in source.files:
+        stream = datasets.load_dataset("parquet", data_files=[str(path)], split="train", streaming=True)
+        unit = ReadUnit(source.id, "records", _rel(path))
+        for i, record in enumerate(stream):
+            unit.items.append((i + 1, record))
+            if len(unit.items) >= 256:
+                yield unit
+                unit = ReadUnit(source.id, "records", _rel(path))
+        if unit.items:
+            yield unit
+
+
+def _structured_run(folder: str, reader: str, result_path: str) -> None:
+    """`_pipeline_run` with 2 workers, the old reader patched in for `reader == "old"`."""
+    import corpus.pipeline
+
+    if reader == "old":
+        corpus.pipeline.read_units = _old_structured_units
+    _pipeline_run(folder, 2, result_path)
+
+
+def bench_structured(folder: Path, mb: float, rounds: int) -> None:
+    """Part 4: a parquet source curated with 2 workers, records decoded in the workers (new) or in
+    the main process (old), each run in a fresh process, rounds alternated."""
+    import multiprocessing
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records, size = [], 0
+    while size < mb * 1e6:  # the corpus once, then again if `mb` asks for more
+        for f in sorted(DATA.glob("*/txt/*.txt")):
+            record = []
+            for paragraph in f.read_text(encoding="utf-8").split("\n"):
+                record.append(paragraph)
+                if sum(map(len, record)) >= 2000:
+                    records.append("\n".join(record))
+                    size += len(records[-1].encode())
+                    record = []
+            if size >= mb * 1e6:
+                break
+    folder.mkdir(parents=True)
+    table = pa.table({"id": [f"r{k}" for k in range(len(records))], "text": records})
+    pq.write_table(table, folder / "part.parquet", row_group_size=-(-len(records) // 12))
+    (folder / "sources.yaml").write_text(
+        textwrap.dedent(
+            """\
+            release: {licence: Apache-2.0}
+            sources:
+              - {id: fr, format: parquet, paths: [part.parquet], id_field: id, licence: public-domain, language: fr,
+                 domain: literature, url: https://github.com/cligs/textbox,
+                 stages: {quality: false, langid: false, toxicity: false, pii: false, dedup: false}}
+            """
+        )
+    )
+    runs: dict[str, list[dict]] = {"new": [], "old": []}
+    t0 = time.perf_counter()
+    for r in range(rounds):
+        for reader in ("new", "old") if r % 2 == 0 else ("old", "new"):
+            with tempfile.TemporaryDirectory() as tmp:
+                result_path = Path(tmp) / "result.json"
+                proc = multiprocessing.get_context("spawn").Process(
+                    target=_structured_run, args=(str(folder), reader, str(result_path))
+                )
+                proc.start()
+                proc.join()
+                if proc.exitcode != 0:
+                    sys.exit(f"structured run failed (exit code {proc.exitcode})")
+                runs[reader].append(json.loads(result_path.read_text()))
+    assert runs["new"][0]["kept"] == runs["old"][0]["kept"] == len(records)
+
+    def share(run: dict) -> float:  # start-up (warm-up before the fork) left out, as in part 1
+        return (run["main_cpu"] - run["startup_cpu"]) / (run["cpu"] - run["startup_cpu"])
+
+    print(
+        f"\nStructured records: {size / 1e6:.1f} MB of French text in {len(records):,} parquet records, "
+        f"12 row groups, 2 workers, {rounds} alternated rounds ({time.perf_counter() - t0:.0f} s); "
+        f"CPU pressure {_cpu_pressure()}"
+    )
+    print(f"{'':44s} {'new':>8s} {'old':>8s} {'old/new':>8s}  (medians; ratio median, min-max)")
+    for name, value in (
+        ("wall seconds", lambda run: run["wall"]),
+        ("main-process CPU seconds (after start-up)", lambda run: run["main_cpu"] - run["startup_cpu"]),
+        ("main-process share of the CPU", share),
+        ("CPU seconds, all processes", lambda run: run["cpu"]),
+        ("start-up CPU seconds (imports, warm-up)", lambda run: run["startup_cpu"]),
+        # The main process's work is serial: with many idle cores the wall time is at least its CPU time.
+        ("wall speed-up bound, many cores (CPU / main)", lambda run: 1 / share(run)),
+    ):
+        new, old = [value(x) for x in runs["new"]], [value(x) for x in runs["old"]]
+        ratios = [o / n for o, n in zip(old, new)]
+        print(
+            f"{name:44s} {statistics.median(new):8.2f} {statistics.median(old):8.2f} "
+            f"{statistics.median(ratios):8.2f}  ({min(ratios):.2f}-{max(ratios):.2f})"
+        )
+
+
 class PerSampleGather:
     """The straightforward per-sample loader, as a Dataset.__getitem__ + collate would be written.
 
@@ -424,12 +542,98 @@ def bench_step_share(reader_1024: PackedReader, rounds: int) -> None:
     )
 
 
+def _dedup_corpus(n: int, num_perm: int, seed: int = 0) -> tuple[list[str], list[str], np.ndarray]:
+    """n synthetic documents for the dedup index: random signatures, 10% near copies of an earlier
+    document (5% of the values changed), 10% exact copies (same digest); ids like real ones."""
+    import hashlib
+
+    rng = np.random.default_rng(seed)
+    sigs = rng.integers(0, 2**32, size=(n, num_perm), dtype=np.uint32)
+    kind = rng.random(n)
+    earlier = (rng.random(n) * np.arange(n)).astype(np.int64)
+    near = np.flatnonzero((kind < 0.1) & (np.arange(n) > 0))
+    sigs[near] = sigs[earlier[near]]
+    changed = rng.random((len(near), num_perm)) < 0.05
+    sigs[near] = np.where(changed, rng.integers(0, 2**32, size=changed.shape, dtype=np.uint32), sigs[near])
+    digests = [hashlib.sha256(s.tobytes()).hexdigest() for s in sigs]
+    for k in np.flatnonzero((kind > 0.9) & (np.arange(n) > 0)).tolist():
+        digests[k] = digests[int(earlier[k])]
+    ids = [f"src:file-{k // 1000:05d}.jsonl:{k % 1000 + 1}" for k in range(n)]
+    return ids, digests, sigs
+
+
+def bench_dedup_index(n: int = 200_000, budget_mib: int = 16, piece: int = 10_000) -> None:
+    """The dedup index (corpus/dedup.py) in RAM vs spilled to memory-mapped files past a budget, fed
+    the same synthetic documents (`_dedup_corpus`, num_perm 128, threshold 0.8) a piece at a time,
+    alternately (order rotated): the ratio of their check() times per piece (both indexes at the
+    same size), the decisions checked equal; then the RAM each holds (`nbytes()`: its numpy rows
+    and key runs, all of its per-document data) and the bytes in its files, per document."""
+    from corpus.dedup import DedupIndex
+
+    num_perm = 128
+    ids, digests, sigs = _dedup_corpus(n, num_perm)
+    with tempfile.TemporaryDirectory() as tmp:
+        indexes = {
+            "in RAM": DedupIndex(0.8, num_perm),
+            "spilled": DedupIndex(0.8, num_perm, memory_budget=budget_mib << 20, spill_dir=tmp),
+        }
+        verdicts: dict[str, list] = {name: [] for name in indexes}
+        seconds: dict[str, list[float]] = {name: [] for name in indexes}
+        peak = 0
+        for r, start in enumerate(range(0, n, piece)):
+            for name in list(indexes) if r % 2 == 0 else list(indexes)[::-1]:
+                check, out = indexes[name].check, verdicts[name]
+                t0 = time.perf_counter()
+                for k in range(start, min(start + piece, n)):
+                    out.append(check(ids[k], digests[k], sigs[k]))
+                seconds[name].append(time.perf_counter() - t0)
+            peak = max(peak, indexes["spilled"].nbytes())
+        if verdicts["in RAM"] != verdicts["spilled"]:
+            sys.exit("dedup index: the spilled index's decisions differ from the in-RAM one's")
+        removed = sum(v is not None for v in verdicts["in RAM"])
+        print(
+            f"\nDedup index: {n:,} synthetic documents ({removed:,} removed as exact or near duplicates), "
+            f"num_perm {num_perm}; spilled past a budget of {budget_mib} MiB "
+            f"({indexes['spilled'].n_spills} spills), check() timed per {piece:,} documents"
+        )
+        ram, spilled = indexes["in RAM"], indexes["spilled"]
+        per_doc = {name: 1e6 * statistics.median(t) / piece for name, t in seconds.items()}
+        print(f"{'':44s} {'in RAM':>8s} {'spilled':>8s}")
+        for label, in_ram, in_files in [
+            ("RAM held at the end, bytes per document", ram.nbytes() / n, spilled.nbytes() / n),
+            ("RAM held, peak over the pieces, MiB", ram.nbytes() / 2**20, peak / 2**20),
+            ("in files, bytes per document", 0.0, spilled.disk_bytes() / n),
+            ("check(), µs per document (median piece)", per_doc["in RAM"], per_doc["spilled"]),
+        ]:
+            print(f"{label:44s} {in_ram:8.1f} {in_files:8.1f}")
+        ratio_table(
+            "Dedup index check() time, spilled / in RAM (per piece, alternated)",
+            [("spilled / in RAM", [s / m for s, m in zip(seconds["spilled"], seconds["in RAM"])])],
+        )
+        spilled.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=6.0, help="MB of French text for the pipeline")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", choices=["all", "loader"], default="all", help="loader: parts 2 and 3 only")
+    parser.add_argument(
+        "--only",
+        choices=["all", "loader", "structured", "dedup"],
+        default="all",
+        help="loader: parts 2 and 3 only; structured: part 4 only; dedup: part 5 only",
+    )
+    parser.add_argument("--structured-mb", type=float, default=30.0, help="MB of text for part 4")
     args = parser.parse_args()
+    if args.only in ("all", "dedup"):
+        bench_dedup_index()
+        if args.only == "dedup":
+            return
+    if args.only in ("all", "structured"):
+        with tempfile.TemporaryDirectory() as tmp:
+            bench_structured(Path(tmp) / "structured", args.structured_mb, args.rounds)
+        if args.only == "structured":
+            return
     from tokenizer import Tokenizer, train_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -33,11 +33,11 @@ from typing import IO
 from tqdm import tqdm
 
 from communs import UserError
-from corpus.dedup import DedupIndex, signature
+from corpus.dedup import DedupIndex, IdSet, signature
 from corpus.optout import optout_set, read_entries
 from corpus.readers import Problem, ReadUnit, parse_unit, read_units
 from corpus.sources import SourcesFile
-from corpus.splits import split_corrections, tentative_split
+from corpus.splits import ParentSplits, tentative_split
 from corpus.stages import (
     PER_DOC_STAGES,
     Doc,
@@ -329,7 +329,7 @@ class _SourceWriter:
         self.source, self.seed, self.fraction = source, seed, fraction
         self.start = provenance.tell()
         self.curated = open(curated_path, "wb")
-        self.parents: set[str] = set()
+        self.parents = ParentSplits(seed, fraction)  # constant memory, whatever the number of parents
         self.counts = {"read": 0, "kept": 0, "removed": {}, "pii": {}, "chars": 0}
         self.split_counts = {"train": 0, "val": 0}
 
@@ -371,8 +371,7 @@ class _SourceWriter:
 
     def finish(self) -> tuple[dict, dict[str, int]]:
         self.curated.close()
-        fixes = split_corrections(self.parents, self.seed, self.fraction)
-        self.parents = set()
+        fixes = self.parents.corrections()
         if fixes:
             self._rewrite(fixes)
         c = self.counts
@@ -429,9 +428,12 @@ def curate_to(sf: SourcesFile, folder: Path, pool: WorkerPool, progress: bool = 
     state = pool.state
     dedup = None
     if any(state["exact"].values()) or any(state["near"].values()):
-        dedup = DedupIndex(sf.stages["dedup"]["threshold"], sf.stages["dedup"]["num_perm"])
+        dedup = DedupIndex(
+            sf.stages["dedup"]["threshold"], sf.stages["dedup"]["num_perm"], spill_dir=folder / ".dedup"
+        )
     units = _AllUnits(sf)
-    decided = _dedup_decisions(sf, pool.map_ordered(_before_dedup, units), dedup, set())
+    seen_ids = IdSet(spill_dir=folder / ".dedup")  # bounded RAM, whatever the number of documents
+    decided = _dedup_decisions(sf, pool.map_ordered(_before_dedup, units), dedup, seen_ids)
     with open(folder / "provenance.jsonl", "wb+") as provenance:
         writers = _Writers(sf, provenance, folder / "curated", progress)
         try:
@@ -454,6 +456,9 @@ def curate_to(sf: SourcesFile, folder: Path, pool: WorkerPool, progress: bool = 
             writers.at(len(sf.sources))
         finally:
             writers.close()
+            shutil.rmtree(
+                folder / ".dedup", ignore_errors=True
+            )  # the index's and ids' files: never installed
     return CurationResult(writers.counts, writers.split_counts, state["optout_entries"])
 
 
@@ -519,7 +524,7 @@ def _dedup_decisions(
     sf: SourcesFile,
     before: Iterator[tuple[int, list[tuple]]],
     dedup: DedupIndex | None,
-    seen_ids: set[str],
+    seen_ids: IdSet,
 ) -> Iterator[tuple[tuple[int, list], list]]:
     """Main process, in corpus order: per unit, ((its source index, its records with a None where a
     document's result will go), the documents that go on to the stages after dedup with the dedup
@@ -531,13 +536,11 @@ def _dedup_decisions(
         for entry in entries:
             if entry[0] != "problem":
                 doc_id = entry[1].id if entry[0] == "alive" else entry[1]
-                if doc_id in seen_ids:
+                if not seen_ids.add(doc_id):
                     problem = Problem(
                         doc_id, "read.duplicate_id", doc_id, f"document id {doc_id!r} appears twice"
                     )
                     entry = ("problem", problem)
-                else:
-                    seen_ids.add(doc_id)
             if entry[0] == "problem":
                 if s.errors == "fatal":
                     p = entry[1]

@@ -28,18 +28,60 @@ def _split_of(rank: float, fraction: float) -> str:
     return "val" if rank < fraction else "train"
 
 
+class ParentSplits:
+    """What the source-level rules need to know of a source's parents, fed one at a time, in constant
+    memory (a source may have 100M parents): whether there are two distinct ones, which splits they
+    fall in alone, and the parents of lowest and highest rank (ties: the smallest id, as a sorted scan
+    would pick)."""
+
+    def __init__(self, seed: int, fraction: float):
+        self.seed, self.fraction = seed, fraction
+        self.first: str | None = None
+        self.several = False
+        self.splits: set[str] = set()
+        self.lowest: tuple[float, str] | None = None
+        self.highest: tuple[float, str] | None = None
+        self.last: str | None = None
+
+    def add(self, parent: str) -> None:
+        if parent == self.last:
+            return  # the next chunk of the same parent: nothing new
+        self.last = parent
+        if self.first is None:
+            self.first = parent
+        elif parent != self.first:
+            self.several = True
+        rank = split_rank(parent, self.seed)
+        self.splits.add(_split_of(rank, self.fraction))
+        if self.lowest is None or (rank, parent) < self.lowest:
+            self.lowest = (rank, parent)
+        if (
+            self.highest is None
+            or rank > self.highest[0]
+            or (rank == self.highest[0] and parent < self.highest[1])
+        ):
+            self.highest = (rank, parent)
+
+    def corrections(self) -> dict[str, str]:
+        """{parent: final split} for the parents whose final split differs from `tentative_split`."""
+        if self.first is None:
+            return {}
+        if not self.several or self.fraction <= 0:
+            # One parent (all train), or no validation: only a lone parent can be tentatively val.
+            return {self.first: "train"} if "val" in self.splits else {}
+        if "val" not in self.splits:
+            return {self.lowest[1]: "val"}
+        if "train" not in self.splits:
+            return {self.highest[1]: "train"}
+        return {}
+
+
 def split_corrections(parents: Iterable[str], seed: int, fraction: float) -> dict[str, str]:
     """{parent: final split} for the parents whose final split differs from `tentative_split`."""
-    unique = sorted(set(parents))
-    ranks = {p: split_rank(p, seed) for p in unique}
-    tentative = {p: _split_of(r, fraction) for p, r in ranks.items()}
-    if len(unique) < 2 or fraction <= 0:
-        return {p: "train" for p, sp in tentative.items() if sp == "val"}
-    if "val" not in tentative.values():
-        return {min(unique, key=ranks.__getitem__): "val"}
-    if "train" not in tentative.values():
-        return {max(unique, key=ranks.__getitem__): "train"}
-    return {}
+    seen = ParentSplits(seed, fraction)
+    for parent in parents:
+        seen.add(parent)
+    return seen.corrections()
 
 
 def assign_splits(ids: list[str], seed: int, fraction: float, parents: list[str] | None = None) -> list[str]:

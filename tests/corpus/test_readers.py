@@ -330,3 +330,225 @@ def test_text_files_read_as_hf_datasets_text_builder_reads_them(tmp_path):
     assert (
         read_text_file(path) == "\ufeffPremière ligne\ndeuxième\ntroisième\u2028même ligne\n\nfin sans saut"
     )
+
+
+# ------------------------------------------------------------------ structured records, decoded in workers
+
+
+def _nested_table(n: int):
+    """Records with nested columns (lists, structs, lists of structs), nulls in every column, unicode
+    (accents, emoji, U+2028), and typed values HF `datasets` maps (int8, float32, timestamps, decimals,
+    a dictionary-encoded column)."""
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+
+    def col(f, type_):
+        return pa.array([None if i % 7 == 3 else f(i) for i in range(n)], type_)
+
+    turn = pa.struct([("role", pa.string()), ("content", pa.string())])
+    return pa.table(
+        {
+            "key": col(lambda i: f"k{i}", pa.string()),
+            "text": col(lambda i: f"{_paragraph(i % 5)} — été {i} 😀\u2028Ωμέγα", pa.string()),
+            "n": col(lambda i: i - 20, pa.int8()),
+            "score": col(lambda i: float("nan") if i == 5 else i / 3, pa.float32()),
+            "flag": col(lambda i: i % 2 == 0, pa.bool_()),
+            "tags": col(lambda i: [f"t{j}" for j in range(i % 3)] + [None], pa.list_(pa.string())),
+            "turns": col(
+                lambda i: [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": None}],
+                pa.list_(turn),
+            ),  # fmt: skip
+            "meta": col(
+                lambda i: {"authors": [f"Zoé {i}"], "page": {"n": i, "ratio": None}},
+                pa.struct(
+                    [
+                        ("authors", pa.list_(pa.string())),
+                        ("page", pa.struct([("n", pa.int64()), ("ratio", pa.float64())])),
+                    ]
+                ),
+            ),  # fmt: skip
+            "when": col(
+                lambda i: datetime.datetime(2020, 1, 1) + datetime.timedelta(seconds=i), pa.timestamp("us")
+            ),
+            "price": col(lambda i: decimal.Decimal(f"{i}.25"), pa.decimal128(10, 2)),
+            "lang": col(lambda i: ("fr", "en", "de")[i % 3], pa.string()).dictionary_encode(),
+            "nothing": pa.nulls(n),
+        }
+    )
+
+
+def _same(a, b) -> bool:
+    """Equal values of the same Python types, all the way down (NaN equal to NaN)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float) and a != a:
+        return b != b
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _write_structured(tmp: Path, table) -> dict[str, Path]:
+    """The table as parquet (row groups of 7 rows), an arrow IPC stream and an IPC file (batches of 9)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = {"parquet": tmp / "part.parquet", "stream": tmp / "stream.arrow", "file": tmp / "file.arrow"}
+    pq.write_table(table, paths["parquet"], row_group_size=7)
+    for kind, new in (("stream", pa.ipc.new_stream), ("file", pa.ipc.new_file)):
+        with pa.OSFile(str(paths[kind]), "wb") as f, new(f, table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=9):
+                writer.write_batch(batch)
+    return paths
+
+
+def _structured_source(tmp: Path, fmt: str, path: Path):
+    body = f"""\
+    sources:
+      - {{id: docs, format: {fmt}, paths: [{path.name}], licence: CC-BY-4.0, language: fr, domain: web,
+         url: https://example.org}}
+    """
+    return load_sources(_sources(tmp, body)).sources[0]
+
+
+@pytest.mark.parametrize("columns", ["plain", "cast"])
+@pytest.mark.parametrize("kind", ["parquet", "stream", "file"])
+def test_structured_units_decode_to_the_records_of_hf_datasets_streaming(
+    tmp_path, monkeypatch, kind, columns
+):
+    """The main process sends row ranges only; the records a worker decodes from them equal, value and
+    type, what `datasets.load_dataset(builder, data_files=[p], split="train", streaming=True)` gives,
+    numbered from 1 over the file, whether a unit packs several parts or cuts one into ranges; both
+    when the worker takes the table's values as they are (`plain`: HF's features would change nothing)
+    and when it casts and decodes them with HF's features (`cast`: a dictionary column, cast to text)."""
+    import pickle
+
+    import datasets
+
+    import corpus.readers as readers_mod
+
+    table = _nested_table(60)
+    if columns == "plain":
+        table = table.drop_columns(["lang"])
+    path = _write_structured(tmp_path, table)[kind]
+    fmt = "parquet" if kind == "parquet" else "arrow"
+    source = _structured_source(tmp_path, fmt, path)
+    expected = list(datasets.load_dataset(fmt, data_files=[str(path)], split="train", streaming=True))
+    assert len(expected) == 60
+    sizes = {"packed": 1 << 30, "ranges": 900}  # one unit of all parts; parts cut into row ranges
+    for case, unit_bytes in sizes.items():
+        monkeypatch.setattr(readers_mod, "UNIT_BYTES", unit_bytes)
+        units = list(readers_mod.read_units(source, tmp_path))
+        assert {u.kind for u in units} == {"table"}
+        assert {u.features is None for u in units} == {columns == "plain"}
+        # Cheap descriptors: row ranges of the file (and the features to cast to), not records.
+        assert all(len(pickle.dumps(u)) < (600 if columns == "plain" else 3000) for u in units)
+        ranges = [item for u in units for item in u.items]
+        if case == "packed":
+            assert len(units) == 1 and len(ranges) == (9 if kind == "parquet" else 7)
+        else:
+            assert len(units) > 9 and any(start > 0 for _, _, start, _ in ranges)
+        got = [record for u in units for record in readers_mod.unit_records(u)]
+        assert [n for n, _ in got] == list(range(1, 61))
+        for (n, record), reference in zip(got, expected):
+            assert _same(record, reference), (case, n, record, reference)
+
+
+def test_hf_dataset_of_local_parquet_files_is_cut_in_units_numbered_over_the_split(tmp_path, monkeypatch):
+    """A dataset folder of parquet files (as the HF cache holds them): `table` units over its files,
+    records numbered from 1 over the whole split in HF's file order, equal to HF's stream."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    import corpus.readers as readers_mod
+
+    table = _nested_table(45)
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    for k in range(3):
+        pq.write_table(table.slice(15 * k, 15), tmp_path / "hub" / "data" / f"train-{k:05d}-of-00003.parquet",
+                       row_group_size=4)  # fmt: skip
+    body = f"""\
+    sources:
+      - {{id: hf, hf_dataset: {{name: {tmp_path / "hub"}}}, licence: CC-BY-4.0, language: fr, domain: web,
+         url: https://example.org}}
+    """
+    source = load_sources(_sources(tmp_path, body)).sources[0]
+    monkeypatch.setattr(readers_mod, "UNIT_BYTES", 2000)
+    units = list(readers_mod.read_units(source, tmp_path))
+    assert {u.kind for u in units} == {"table"} and {u.path for u in units} == {f"hf:{tmp_path / 'hub'}"}
+    assert len({u.file for u in units}) == 3
+    got = [record for u in units for record in readers_mod.unit_records(u)]
+    expected = list(datasets.load_dataset(str(tmp_path / "hub"), split="train", streaming=True))
+    assert [n for n, _ in got] == list(range(1, 46))
+    assert all(_same(record, reference) for (_, record), reference in zip(got, expected))
+
+
+def test_hf_dataset_in_the_datasets_cache_is_cut_in_units_as_hf_streams_it(tmp_path, monkeypatch):
+    """A hub dataset downloaded before and read offline from the datasets cache (HF's `Cache` builder:
+    arrow streams under <cache>/<user>___<name>/<config>/<version>/<hash>/): `table` units whose records
+    equal HF's stream, numbered from 1 over the split."""
+    import datasets
+    import pyarrow as pa
+
+    import corpus.readers as readers_mod
+
+    table = _nested_table(40)
+    folder = tmp_path / "cache" / "someone___corpus" / "default" / "0.0.0" / "0123abcd"
+    folder.mkdir(parents=True)
+    info = datasets.DatasetInfo(
+        features=datasets.Features.from_arrow_schema(table.schema),
+        dataset_name="corpus",
+        config_name="default",
+    )
+    info.splits = datasets.SplitDict()
+    info.splits.add(datasets.SplitInfo("train", num_examples=40, dataset_name="corpus"))
+    info.write_to_directory(str(folder))
+    with (
+        pa.OSFile(str(folder / "corpus-train.arrow"), "wb") as f,
+        pa.ipc.new_stream(f, table.schema) as writer,
+    ):
+        for batch in table.to_batches(max_chunksize=7):
+            writer.write_batch(batch)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    body = """\
+    sources:
+      - {id: hf, hf_dataset: {name: someone/corpus}, licence: CC-BY-4.0, language: fr, domain: web,
+         url: https://example.org}
+    """
+    source = load_sources(_sources(tmp_path, body)).sources[0]
+    monkeypatch.setattr(readers_mod, "UNIT_BYTES", 2000)
+    units = list(readers_mod.read_units(source, tmp_path))
+    assert {u.kind for u in units} == {"table"} and len(units) > 6
+    assert {(u.path, u.file) for u in units} == {("hf:someone/corpus", str(folder / "corpus-train.arrow"))}
+    got = [record for u in units for record in readers_mod.unit_records(u)]
+    expected = list(datasets.load_dataset("someone/corpus", split="train", streaming=True))
+    assert [n for n, _ in got] == list(range(1, 41))
+    assert all(_same(record, reference) for (_, record), reference in zip(got, expected))
+
+
+def test_json_file_is_one_worker_unit_or_streamed_here_past_json_unit_bytes(tmp_path, monkeypatch):
+    """A json array is one `json` unit (decoded by the worker); past JSON_UNIT_BYTES it is streamed in the
+    main process in `records` batches: the same records, numbered from 1, as HF's json builder gives."""
+    import datasets
+
+    import corpus.readers as readers_mod
+
+    rows = [{"text": _paragraph(k % 5), "n": k, "tags": [f"é{k}"] if k % 3 else None} for k in range(300)]
+    (tmp_path / "arr.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    source = _structured_source(tmp_path, "json", tmp_path / "arr.json")
+    expected = list(
+        datasets.load_dataset("json", data_files=[str(tmp_path / "arr.json")], split="train", streaming=True)
+    )
+    whole = list(readers_mod.read_units(source, tmp_path))
+    assert [(u.kind, u.items) for u in whole] == [("json", [])]
+    monkeypatch.setattr(readers_mod, "JSON_UNIT_BYTES", 1000)
+    streamed = list(readers_mod.read_units(source, tmp_path))
+    assert [u.kind for u in streamed] == ["records", "records"]  # 256 + 44 records
+    for units in (whole, streamed):
+        got = [record for u in units for record in readers_mod.unit_records(u)]
+        assert [n for n, _ in got] == list(range(1, 301))
+        assert all(_same(record, reference) for (_, record), reference in zip(got, expected))

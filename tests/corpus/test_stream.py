@@ -490,3 +490,186 @@ def test_shard_encoding_is_one_stream_over_the_sources(tmp_path, small_tokenizer
         assert events.index(("submit", nxt)) < events.index(("finish", sid)), (sid, nxt)
     monkeypatch.undo()
     assert prepare_mod.prepare(sources, tmp_path / "w1", tokenizer=small_tokenizer, workers=1) == two
+
+
+# ------------------------------------------------- structured sources: units decoded in the workers
+
+
+def _old_read_units(source, base):
+    """The reader as it was before structured units were decoded in the workers: json, parquet, arrow
+    and HF datasets streamed by HF `datasets` in the main process, sent as batches of records."""
+    import datasets
+
+    if source.generator is None and (
+        source.hf_dataset is not None or source.format in ("json", "parquet", "arrow")
+    ):
+        if source.hf_dataset is not None:
+            hf = source.hf_dataset
+            stream = datasets.load_dataset(hf["name"], hf["config"], split=hf["split"], streaming=True)
+            yield from readers_mod._streamed_units(source, f"hf:{hf['name']}", stream)
+            return
+        for path in source.files:
+            stream = datasets.load_dataset(
+                source.format, data_files=[str(path)], split="train", streaming=True
+            )
+            yield from readers_mod._streamed_units(source, readers_mod._rel(path), stream)
+        return
+    yield from readers_mod.read_units(source, base)
+
+
+def _write_structured_corpus(root: Path) -> Path:
+    """Parquet (row groups of 6 records, with an id column and nested metadata), chat records in an
+    arrow IPC stream, a json array, and an HF dataset folder of two parquet files (ids by record number
+    over the split); null, empty and duplicated texts among them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    paragraphs = [NOVEL[4000 + 900 * k : 4000 + 900 * k + 800] for k in range(60)]
+    texts = [paragraphs[k] for k in range(40)]
+    texts[4], texts[9], texts[13] = None, "   ", texts[2]  # null → read.bad_field; empty; exact copy
+    texts[17] = texts[6].replace(" la ", " le ", 1)  # near copy
+    meta = pa.struct([("authors", pa.list_(pa.string())), ("year", pa.int32())])
+    table = pa.table(
+        {
+            "key": [f"p{k}" for k in range(40)],
+            "text": pa.array(texts, pa.string()),
+            "author": [None if k % 5 == 0 else f"Zoé Œuvre {k % 4}" for k in range(40)],
+            "meta": pa.array([{"authors": [f"a{k}", None], "year": 1850 + k} for k in range(40)], meta),
+        }
+    )
+    pq.write_table(table, root / "docs.parquet", row_group_size=6)
+    chats = [
+        [{"role": "user", "content": f"Combien font {k} et {k + 3} ?"},
+         {"role": "assistant", "content": f"{k} + {k + 3} = {2 * k + 3}. On ajoute les unités."}]
+        for k in range(25)
+    ]  # fmt: skip
+    chats[7] = [{"role": "robot", "content": "bip"}]  # bad role
+    chat_table = pa.table({"messages": chats})
+    with pa.OSFile(str(root / "chat.arrow"), "wb") as f, pa.ipc.new_stream(f, chat_table.schema) as writer:
+        for batch in chat_table.to_batches(max_chunksize=4):
+            writer.write_batch(batch)
+    (root / "extra.json").write_text(
+        json.dumps(
+            [{"text": paragraphs[40 + k]} if k != 2 else {"body": "x"} for k in range(6)], ensure_ascii=False
+        ),
+        encoding="utf-8",
+    )
+    (root / "hub" / "data").mkdir(parents=True)
+    hub = pa.table({"text": paragraphs[46:60] + [paragraphs[1]]})  # the last one a copy from docs
+    pq.write_table(hub.slice(0, 8), root / "hub" / "data" / "train-00000-of-00002.parquet", row_group_size=3)
+    pq.write_table(hub.slice(8), root / "hub" / "data" / "train-00001-of-00002.parquet", row_group_size=3)
+    common = "licence: CC-BY-4.0, language: fr, domain: web, url: https://example.org"
+    sources = root / "sources.yaml"
+    sources.write_text(
+        textwrap.dedent(
+            f"""\
+            seed: 3
+            release: {{licence: Apache-2.0}}
+            pipeline: {{chunk_chars: 3000}}
+            split: {{val_fraction: 0.3}}
+            tokenizer: {{vocab_size: 400, sample_bytes_per_source: 100000}}
+            shards: {{max_tokens: 4096}}
+            sources:
+              - {{id: docs, format: parquet, paths: [docs.parquet], id_field: key, meta_fields: {{author: author}},
+                 stages: {{quality: {{min_words: 20}}}}, {common}}}
+              - {{id: chat, kind: chat, format: arrow, paths: [chat.arrow], stages: {{quality: false, langid: false}},
+                 {common}}}
+              - {{id: extra, format: json, paths: [extra.json], {common}}}
+              - {{id: hub, hf_dataset: {{name: {root / "hub"}}}, {common}}}
+            """
+        ),
+        encoding="utf-8",
+    )
+    return sources
+
+
+@pytest.mark.slow  # two worker processes, prepare end to end
+def test_structured_sources_give_the_files_of_the_main_process_reader_for_1_and_2_workers(
+    tmp_path, monkeypatch, small_tokenizer
+):
+    """Parquet / arrow / json / HF-dataset records decoded in the workers give byte for byte the
+    provenance, curated files and manifest of the reader that streamed them in the main process
+    (`file:record n` and default ids numbered over the whole file, or split), for 1 and 2 workers."""
+    import corpus.prepare as prepare_mod
+
+    sources = _write_structured_corpus(tmp_path / "corpus")
+    sf = load_sources(sources)
+    monkeypatch.setattr(readers_mod, "UNIT_BYTES", 2500)  # several units per file, row groups cut
+    kinds = {s.id: {u.kind for u in readers_mod.read_units(s, sources.parent)} for s in sf.sources}
+    assert kinds == {"docs": {"table"}, "chat": {"table"}, "extra": {"json"}, "hub": {"table"}}
+    assert len(list(readers_mod.read_units(sf.sources[0], sources.parent))) > 7  # more than the row groups
+    new = _curate_with_1_and_2_workers(sf, tmp_path)
+    monkeypatch.setattr(pipeline_mod, "read_units", _old_read_units)
+    with open_pool(sf, 1) as pool:
+        old = curate_to(sf, tmp_path / "old", pool)
+    assert _files(tmp_path / "old") == _files(tmp_path / "w1") and old == new[1]
+    records = [json.loads(line) for line in (tmp_path / "w1" / "provenance.jsonl").open()]
+    problems = {r["id"]: (r["rule"], r["where"]) for r in records if r.get("where")}
+    root = str(tmp_path / "corpus")
+    assert problems == {
+        "docs:p4": ("read.bad_field", f"{root}/docs.parquet:record 5"),  # a null text
+        "docs:p9": ("read.empty", f"{root}/docs.parquet:record 10"),
+        "chat:chat:8": ("read.bad_field", f"{root}/chat.arrow:record 8"),
+        "extra:extra:3": (
+            "read.bad_field",
+            f"{root}/extra.json:record 3",
+        ),  # HF fills a missing key with None
+    }
+    rules = {r["id"]: r["rule"] for r in records}
+    assert rules["docs:p13"] == "dedup.exact" and rules["docs:p17"] == "dedup.near"
+    assert rules["hub:hub:15"] == "dedup.exact" and "hub:hub:9" in rules  # numbered over both files
+    # prepare (curation, shards, manifest) over both readers: the same manifest, byte for byte.
+    prepare_mod.prepare(sources, tmp_path / "data-old", tokenizer=small_tokenizer, workers=1)
+    monkeypatch.undo()
+    prepare_mod.prepare(sources, tmp_path / "data-new", tokenizer=small_tokenizer, workers=2)
+    for name in ("manifest.json", "provenance.jsonl"):
+        assert (tmp_path / "data-old" / name).read_bytes() == (tmp_path / "data-new" / name).read_bytes()
+
+
+def _corrupt_page(path: Path, row_group: int) -> None:
+    """Overwrite the header of a row group's first data page (the footer stays readable)."""
+    import pyarrow.parquet as pq
+
+    offset = pq.read_metadata(path).row_group(row_group).column(0).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_corrupt_parquet_page_fails_in_its_worker_by_file_name_in_corpus_order(tmp_path, workers):
+    """A parquet file whose footer reads but whose third row group does not: the worker that decodes it
+    raises one line naming the file; an earlier source's fatal problem still comes first."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    (root / "a.jsonl").write_text('{"text": "unterminated\n', encoding="utf-8")
+    texts = [NOVEL[4000 + 900 * k : 4000 + 900 * k + 800] for k in range(12)]
+    pq.write_table(pa.table({"text": texts}), root / "bad.parquet", row_group_size=4)
+    _corrupt_page(root / "bad.parquet", 2)
+    (root / "sources.yaml").write_text(
+        textwrap.dedent(
+            """\
+            release: {licence: Apache-2.0}
+            sources:
+              - {id: a, format: jsonl, paths: [a.jsonl], errors: fatal, licence: MIT, language: fr, domain: web,
+                 url: https://example.org}
+              - {id: b, format: parquet, paths: [bad.parquet], licence: MIT, language: fr, domain: web,
+                 url: https://example.org}
+            """
+        ),
+        encoding="utf-8",
+    )
+    sf = load_sources(root / "sources.yaml")
+    with open_pool(sf, workers) as pool, pytest.raises(UserError, match=r"a\.jsonl:1: malformed JSON"):
+        curate_to(sf, tmp_path / "out", pool)
+    sf.sources = sf.sources[1:]
+    with open_pool(sf, workers) as pool, pytest.raises(UserError) as e:
+        curate_to(sf, tmp_path / "out2", pool)
+    assert str(e.value).startswith(
+        f"{root / 'bad.parquet'}: cannot read as parquet: Couldn't deserialize thrift: don't know what type: "
+    )
+    assert str(e.value).isprintable()  # the raw byte quoted by pyarrow is escaped
