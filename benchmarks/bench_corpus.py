@@ -169,19 +169,22 @@ def _pipeline_run(folder: str, workers: int, result_path: str) -> None:
     )
 
 
-def _pipeline_in_fresh_process(folder: Path, workers: int) -> dict:
+def _in_fresh_process(target, *args) -> dict:
+    """Run `target(*args, result_path)` in a new (spawned) process; return the JSON it wrote there."""
     import multiprocessing
 
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.json"
-        proc = multiprocessing.get_context("spawn").Process(
-            target=_pipeline_run, args=(str(folder), workers, str(result_path))
-        )
+        proc = multiprocessing.get_context("spawn").Process(target=target, args=(*args, str(result_path)))
         proc.start()
         proc.join()
         if proc.exitcode != 0:
-            sys.exit(f"pipeline run failed (exit code {proc.exitcode})")
+            sys.exit(f"{target.__name__} failed (exit code {proc.exitcode})")
         return json.loads(result_path.read_text())
+
+
+def _pipeline_in_fresh_process(folder: Path, workers: int) -> dict:
+    return _in_fresh_process(_pipeline_run, str(folder), workers)
 
 
 def bench_pipeline(folder: Path, n_bytes: int, rounds: int) -> list:
@@ -305,7 +308,6 @@ def _structured_run(folder: str, reader: str, result_path: str) -> None:
 def bench_structured(folder: Path, mb: float, rounds: int) -> None:
     """Part 4: a parquet source curated with 2 workers, records decoded in the workers (new) or in
     the main process (old), each run in a fresh process, rounds alternated."""
-    import multiprocessing
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -340,16 +342,7 @@ def bench_structured(folder: Path, mb: float, rounds: int) -> None:
     t0 = time.perf_counter()
     for r in range(rounds):
         for reader in ("new", "old") if r % 2 == 0 else ("old", "new"):
-            with tempfile.TemporaryDirectory() as tmp:
-                result_path = Path(tmp) / "result.json"
-                proc = multiprocessing.get_context("spawn").Process(
-                    target=_structured_run, args=(str(folder), reader, str(result_path))
-                )
-                proc.start()
-                proc.join()
-                if proc.exitcode != 0:
-                    sys.exit(f"structured run failed (exit code {proc.exitcode})")
-                runs[reader].append(json.loads(result_path.read_text()))
+            runs[reader].append(_in_fresh_process(_structured_run, str(folder), reader))
     assert runs["new"][0]["kept"] == runs["old"][0]["kept"] == len(records)
 
     def share(run: dict) -> float:  # start-up (warm-up before the fork) left out, as in part 1

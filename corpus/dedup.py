@@ -333,7 +333,40 @@ _MULT = np.uint64(0x100000001B3)
 _SALT = np.uint64(0x9E3779B97F4A7C15)
 
 
-class DedupIndex:
+class _SpillFolder:
+    """A folder of its own under `spill_dir`, made at the first spill (a corpus that fits in RAM writes
+    nothing); `close()` (or leaving a `with` block) deletes it."""
+
+    spill_dir: Path | str | None = None
+    _dir: Path | None = None
+    _folder_prefix = "spill-"
+
+    def _folder(self) -> Path:
+        if self.spill_dir is None:
+            raise ValueError(f"{type(self).__name__}.spill: made without a spill_dir")
+        if self._dir is None:
+            Path(self.spill_dir).mkdir(parents=True, exist_ok=True)
+            self._dir = Path(tempfile.mkdtemp(prefix=self._folder_prefix, dir=self.spill_dir))
+        return self._dir
+
+    def disk_bytes(self) -> int:
+        """Bytes in the folder's files."""
+        return sum(p.stat().st_size for p in self._dir.iterdir()) if self._dir is not None else 0
+
+    def close(self) -> None:
+        """Delete the folder and its files."""
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class DedupIndex(_SpillFolder):
     """Exact and near-duplicate decisions, one document at a time, in corpus order.
 
     Memory: with a `spill_dir`, whenever a check takes the RAM the index holds (`nbytes()`) past
@@ -343,6 +376,8 @@ class DedupIndex:
     (the process's RSS near it: allocator slack, merge copies), and a corpus that fits in the budget
     touches no disk. Without `spill_dir` everything stays in RAM. `close()` (or
     leaving a `with` block) deletes the folder; the index is not to be used after."""
+
+    _folder_prefix = "index-"
 
     def __init__(
         self,
@@ -370,7 +405,6 @@ class DedupIndex:
         self.band_keys, self.near_ids = KeyIndex(flush_at), _Ids(block)
         self.signatures = _Column(np.uint32, num_perm, block)
         self.n_spills = 0
-        self._dir: Path | None = None  # this index's folder under spill_dir, made at the first spill
 
     def _band_values(self, sig: np.ndarray) -> np.ndarray:
         return sig[: self.bands * self.rows_per_band].reshape(self.bands, self.rows_per_band)
@@ -419,17 +453,13 @@ class DedupIndex:
 
     def spill(self) -> None:
         """Append everything the index holds in RAM to its files (the RAM part is then empty)."""
-        if self.spill_dir is None:
-            raise ValueError("DedupIndex.spill: the index was made without a spill_dir")
-        if self._dir is None:
-            Path(self.spill_dir).mkdir(parents=True, exist_ok=True)
-            self._dir = Path(tempfile.mkdtemp(prefix="index-", dir=self.spill_dir))
-        self.digests.spill(self._dir / "digests.u8")
-        self.signatures.spill(self._dir / "signatures.u32")
-        self.exact_ids.spill(self._dir / "exact-ids")
-        self.near_ids.spill(self._dir / "near-ids")
-        self.exact_keys.spill(self._dir / "exact-keys")
-        self.band_keys.spill(self._dir / "band-keys")
+        folder = self._folder()
+        self.digests.spill(folder / "digests.u8")
+        self.signatures.spill(folder / "signatures.u32")
+        self.exact_ids.spill(folder / "exact-ids")
+        self.near_ids.spill(folder / "near-ids")
+        self.exact_keys.spill(folder / "exact-keys")
+        self.band_keys.spill(folder / "band-keys")
         self.n_spills += 1
 
     def nbytes(self) -> int:
@@ -440,24 +470,8 @@ class DedupIndex:
             + self.exact_keys.nbytes() + self.band_keys.nbytes()
         )  # fmt: skip
 
-    def disk_bytes(self) -> int:
-        """Bytes in the index's files."""
-        return sum(p.stat().st_size for p in self._dir.iterdir()) if self._dir is not None else 0
 
-    def close(self) -> None:
-        """Delete the index's files."""
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
-
-    def __enter__(self) -> DedupIndex:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class IdSet:
+class IdSet(_SpillFolder):
     """The document ids seen so far (the pipeline's duplicate-id check), in bounded RAM.
 
     Not a Python set of strings (~100 B an id, 10 GB at 100M documents): each id's 64-bit blake2b key
@@ -465,12 +479,13 @@ class IdSet:
     keys is never taken for a duplicate). With a `spill_dir`, past `memory_budget` bytes of RAM both
     go to files in a folder of their own under it, as `DedupIndex` does; `close()` deletes it."""
 
+    _folder_prefix = "ids-"
+
     def __init__(self, *, memory_budget: int = 64 << 20, spill_dir: Path | str | None = None):
         self.memory_budget, self.spill_dir = memory_budget, spill_dir
         block = 1 << 20 if spill_dir is None else min(1 << 20, max(512, memory_budget // 64))
         self.keys, self.ids = KeyIndex(), _Ids(block)
         self.n_spills = 0
-        self._dir: Path | None = None
 
     @staticmethod
     def _key(doc_id: str) -> np.ndarray:
@@ -495,23 +510,14 @@ class IdSet:
 
     def spill(self) -> None:
         """Append what the set holds in RAM to its files."""
-        if self.spill_dir is None:
-            raise ValueError("IdSet.spill: the set was made without a spill_dir")
-        if self._dir is None:
-            Path(self.spill_dir).mkdir(parents=True, exist_ok=True)
-            self._dir = Path(tempfile.mkdtemp(prefix="ids-", dir=self.spill_dir))
-        self.ids.spill(self._dir / "ids")
-        self.keys.spill(self._dir / "keys")
+        folder = self._folder()
+        self.ids.spill(folder / "ids")
+        self.keys.spill(folder / "keys")
         self.n_spills += 1
 
     def nbytes(self) -> int:
         """RAM held: the ids' bytes and ends not in files, the key runs and recent keys not in files."""
         return self.ids.nbytes() + self.keys.nbytes()
-
-    def close(self) -> None:
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
 
 
 def find_duplicates(

@@ -111,3 +111,37 @@ def small_tokenizer(tmp_path_factory) -> Path:
     texts = [excerpt(name, 0, 40000) for name, _ in NOVELS]
     texts += [json.loads(line)["question"] for line in (DEMO / "gsm8k" / "train-excerpt.jsonl").open()][:300]
     return train_tokenizer(texts, tmp_path_factory.mktemp("tok"), 400, seed=0)
+
+
+def _datasketch_duplicates(items, threshold: float, num_perm: int) -> dict[int, tuple[str, str]]:
+    """The dedup decisions as datasketch takes them (the code `DedupIndex` replaced): a dict of first
+    digests, then MinHashLSH.query, each candidate confirmed by MinHash.jaccard, the earliest match
+    named. items: (doc id, sha256 or None, signature or None)."""
+    from datasketch import MinHashLSH
+
+    from corpus.dedup import _minhash
+
+    removed, first_by_hash, kept, order = {}, {}, {}, {}
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    for i, (doc_id, sha, sig) in enumerate(items):
+        if sha is not None:
+            if sha in first_by_hash:
+                removed[i] = ("dedup.exact", first_by_hash[sha])
+                continue
+            first_by_hash[sha] = doc_id
+        if sig is None:
+            continue
+        m = _minhash(num_perm, sig)
+        matches = [c for c in lsh.query(m) if kept[c].jaccard(m) >= threshold]
+        if matches:
+            removed[i] = ("dedup.near", min(matches, key=order.__getitem__))
+            continue
+        lsh.insert(doc_id, m)
+        kept[doc_id], order[doc_id] = m, i
+    return removed
+
+
+@pytest.fixture
+def datasketch_duplicates():
+    """`_datasketch_duplicates(items, threshold, num_perm)`: the reference dedup decisions."""
+    return _datasketch_duplicates

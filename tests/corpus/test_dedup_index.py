@@ -18,33 +18,6 @@ from corpus.pipeline import curate_to, open_pool
 from corpus.sources import load_sources
 
 
-def _datasketch_duplicates(items, threshold: float, num_perm: int) -> dict[int, tuple[str, str]]:
-    """The decisions as datasketch takes them: a dict of first digests, then MinHashLSH.query, each
-    candidate confirmed by MinHash.jaccard, the earliest match named."""
-    from datasketch import MinHashLSH
-
-    from corpus.dedup import _minhash
-
-    removed, first_by_hash, kept, order = {}, {}, {}, {}
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    for i, (doc_id, sha, sig) in enumerate(items):
-        if sha is not None:
-            if sha in first_by_hash:
-                removed[i] = ("dedup.exact", first_by_hash[sha])
-                continue
-            first_by_hash[sha] = doc_id
-        if sig is None:
-            continue
-        m = _minhash(num_perm, sig)
-        matches = [c for c in lsh.query(m) if kept[c].jaccard(m) >= threshold]
-        if matches:
-            removed[i] = ("dedup.near", min(matches, key=order.__getitem__))
-            continue
-        lsh.insert(doc_id, m)
-        kept[doc_id], order[doc_id] = m, i
-    return removed
-
-
 def _items(n: int, num_perm: int, threshold: float, seed: int = 0) -> list:
     """Documents drawn around 150 bases: many near copies (agreement from ~0.4 to 1, around the
     threshold), exact copies, some without a digest or a signature; ids like real ones, non-ASCII too."""
@@ -71,11 +44,13 @@ def _decide(index: DedupIndex, items) -> dict[int, tuple[str, str]]:
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.8])
-def test_spilled_index_decides_as_in_ram_and_as_datasketch(threshold, tmp_path, monkeypatch):
+def test_spilled_index_decides_as_in_ram_and_as_datasketch(
+    threshold, tmp_path, monkeypatch, datasketch_duplicates
+):
     monkeypatch.setattr(dedup_mod, "_MERGE_PIECE", 64)  # merges into files take several pieces
     num_perm, budget = 64, 24 << 10
     items = _items(2000, num_perm, threshold)
-    expected = _datasketch_duplicates(items, threshold, num_perm)
+    expected = datasketch_duplicates(items, threshold, num_perm)
     assert sum(rule == "dedup.near" for rule, _ in expected.values()) > 100
     assert sum(rule == "dedup.exact" for rule, _ in expected.values()) > 100
 

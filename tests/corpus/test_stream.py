@@ -211,35 +211,8 @@ def test_the_reader_is_pulled_lazily_with_bounded_look_ahead(tmp_path, monkeypat
     assert max(look_ahead) <= 2 * window + 1 < n_lines // 10
 
 
-def _reference_duplicates(items, threshold, num_perm):
-    """The decisions as datasketch's MinHashLSH takes them (the code this index replaced)."""
-    from datasketch import MinHash, MinHashLSH
-
-    from corpus.dedup import _minhash
-
-    removed, first_by_hash, kept_sigs, order = {}, {}, {}, {}
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    for i, (doc_id, sha, sig) in enumerate(items):
-        if sha is not None:
-            if sha in first_by_hash:
-                removed[i] = ("dedup.exact", first_by_hash[sha])
-                continue
-            first_by_hash[sha] = doc_id
-        if sig is None:
-            continue
-        m: MinHash = _minhash(num_perm, sig)
-        matches = [c for c in lsh.query(m) if kept_sigs[c].jaccard(m) >= threshold]
-        if matches:
-            removed[i] = ("dedup.near", min(matches, key=lambda c: order[c]))
-            continue
-        lsh.insert(doc_id, m)
-        kept_sigs[doc_id] = m
-        order[doc_id] = i
-    return removed
-
-
 @pytest.mark.parametrize("threshold", [0.5, 0.8])
-def test_dedup_index_decides_as_datasketch_lsh(threshold):
+def test_dedup_index_decides_as_datasketch_lsh(threshold, datasketch_duplicates):
     rng = np.random.default_rng(0)
     num_perm = 64
     bands, rows = lsh_bands(threshold, num_perm)
@@ -256,7 +229,7 @@ def test_dedup_index_decides_as_datasketch_lsh(threshold):
         if k % 10 == 0 and items:  # an exact copy of an earlier document (same sha)
             sha = items[-1][1]
         items.append((f"d{k}", sha, sig if k % 13 else None))
-    expected = _reference_duplicates(items, threshold, num_perm)
+    expected = datasketch_duplicates(items, threshold, num_perm)
     index = DedupIndex(threshold, num_perm, flush_at=64)  # many runs, merged
     got = {}
     for i, (doc_id, sha, sig) in enumerate(items):
