@@ -27,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import zlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -333,21 +334,42 @@ _MULT = np.uint64(0x100000001B3)
 _SALT = np.uint64(0x9E3779B97F4A7C15)
 
 
-class _SpillFolder:
-    """A folder of its own under `spill_dir`, made at the first spill (a corpus that fits in RAM writes
-    nothing); `close()` (or leaving a `with` block) deletes it."""
+class _Spilling(ABC):
+    """What `DedupIndex` and `IdSet` share: RAM up to `memory_budget` bytes (`nbytes()`), then, with a
+    `spill_dir`, everything they hold in RAM appended (`_spill_to`) to files in a folder of their own
+    under it, made at the first spill (a corpus that fits in RAM writes nothing); `close()` (or leaving
+    a `with` block) deletes the folder. Without `spill_dir` everything stays in RAM."""
 
-    spill_dir: Path | str | None = None
-    _dir: Path | None = None
     _folder_prefix = "spill-"
 
-    def _folder(self) -> Path:
+    def __init__(self, memory_budget: int, spill_dir: Path | str | None):
+        self.memory_budget, self.spill_dir = memory_budget, spill_dir
+        self.n_spills = 0
+        self._dir: Path | None = None
+        # RAM blocks of 1/64 of the budget: the last, partly filled blocks are a small part of it.
+        self.block_bytes = 1 << 20 if spill_dir is None else min(1 << 20, max(512, memory_budget // 64))
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """RAM held (not the files, which are page cache the kernel reclaims)."""
+
+    @abstractmethod
+    def _spill_to(self, folder: Path) -> None:
+        """Append what is held in RAM to files in `folder` (the same ones at every call)."""
+
+    def _spill_if_over(self) -> None:
+        if self.spill_dir is not None and self.nbytes() > self.memory_budget:
+            self.spill()
+
+    def spill(self) -> None:
+        """Append everything held in RAM to the files (the RAM part is then empty)."""
         if self.spill_dir is None:
             raise ValueError(f"{type(self).__name__}.spill: made without a spill_dir")
         if self._dir is None:
             Path(self.spill_dir).mkdir(parents=True, exist_ok=True)
             self._dir = Path(tempfile.mkdtemp(prefix=self._folder_prefix, dir=self.spill_dir))
-        return self._dir
+        self._spill_to(self._dir)
+        self.n_spills += 1
 
     def disk_bytes(self) -> int:
         """Bytes in the folder's files."""
@@ -366,7 +388,7 @@ class _SpillFolder:
         self.close()
 
 
-class DedupIndex(_SpillFolder):
+class DedupIndex(_Spilling):
     """Exact and near-duplicate decisions, one document at a time, in corpus order.
 
     Memory: with a `spill_dir`, whenever a check takes the RAM the index holds (`nbytes()`) past
@@ -388,15 +410,14 @@ class DedupIndex(_SpillFolder):
         memory_budget: int = 256 << 20,
         spill_dir: Path | str | None = None,
     ):
+        super().__init__(memory_budget, spill_dir)
         self.threshold, self.num_perm = threshold, num_perm
-        self.memory_budget, self.spill_dir = memory_budget, spill_dir
         self.bands, self.rows_per_band = lsh_bands(threshold, num_perm)
         self._powers = np.array(
             [pow(int(_MULT), k, 1 << 64) for k in range(self.rows_per_band)], dtype=np.uint64
         )
         self._salts = (np.arange(1, self.bands + 1, dtype=np.uint64) * _SALT).astype(np.uint64)
-        # Blocks of 1/64 of the budget: the columns' last, partly filled blocks are a small part of it.
-        block = 1 << 20 if spill_dir is None else min(1 << 20, max(512, memory_budget // 64))
+        block = self.block_bytes
         # Exact: every first occurrence of a digest (even one later removed as a near duplicate,
         # as in datasketch's use: a later exact copy of it is named after it).
         self.exact_keys, self.exact_ids = KeyIndex(flush_at), _Ids(block)
@@ -404,7 +425,6 @@ class DedupIndex(_SpillFolder):
         # Near: the signatures of the documents kept by the near check, in corpus order.
         self.band_keys, self.near_ids = KeyIndex(flush_at), _Ids(block)
         self.signatures = _Column(np.uint32, num_perm, block)
-        self.n_spills = 0
 
     def _band_values(self, sig: np.ndarray) -> np.ndarray:
         return sig[: self.bands * self.rows_per_band].reshape(self.bands, self.rows_per_band)
@@ -419,8 +439,7 @@ class DedupIndex(_SpillFolder):
         (and the document is filed for the ones after it). `sha256` None: no exact check;
         `sig` None: no near check."""
         verdict = self._decide(doc_id, sha256, sig)
-        if self.spill_dir is not None and self.nbytes() > self.memory_budget:
-            self.spill()
+        self._spill_if_over()
         return verdict
 
     def _decide(self, doc_id: str, sha256: str | None, sig: np.ndarray | None) -> tuple[str, str] | None:
@@ -451,16 +470,13 @@ class DedupIndex(_SpillFolder):
         self.near_ids.append(doc_id)
         return None
 
-    def spill(self) -> None:
-        """Append everything the index holds in RAM to its files (the RAM part is then empty)."""
-        folder = self._folder()
+    def _spill_to(self, folder: Path) -> None:
         self.digests.spill(folder / "digests.u8")
         self.signatures.spill(folder / "signatures.u32")
         self.exact_ids.spill(folder / "exact-ids")
         self.near_ids.spill(folder / "near-ids")
         self.exact_keys.spill(folder / "exact-keys")
         self.band_keys.spill(folder / "band-keys")
-        self.n_spills += 1
 
     def nbytes(self) -> int:
         """RAM held by the index: its blocks of rows and ids, and its LSH key runs and recent keys
@@ -471,7 +487,7 @@ class DedupIndex(_SpillFolder):
         )  # fmt: skip
 
 
-class IdSet(_SpillFolder):
+class IdSet(_Spilling):
     """The document ids seen so far (the pipeline's duplicate-id check), in bounded RAM.
 
     Not a Python set of strings (~100 B an id, 10 GB at 100M documents): each id's 64-bit blake2b key
@@ -482,10 +498,8 @@ class IdSet(_SpillFolder):
     _folder_prefix = "ids-"
 
     def __init__(self, *, memory_budget: int = 64 << 20, spill_dir: Path | str | None = None):
-        self.memory_budget, self.spill_dir = memory_budget, spill_dir
-        block = 1 << 20 if spill_dir is None else min(1 << 20, max(512, memory_budget // 64))
-        self.keys, self.ids = KeyIndex(), _Ids(block)
-        self.n_spills = 0
+        super().__init__(memory_budget, spill_dir)
+        self.keys, self.ids = KeyIndex(), _Ids(self.block_bytes)
 
     @staticmethod
     def _key(doc_id: str) -> np.ndarray:
@@ -498,8 +512,7 @@ class IdSet(_SpillFolder):
             return False
         self.keys.add(key, len(self.ids))
         self.ids.append(doc_id)
-        if self.spill_dir is not None and self.nbytes() > self.memory_budget:
-            self.spill()
+        self._spill_if_over()
         return True
 
     def __contains__(self, doc_id: str) -> bool:
@@ -508,12 +521,9 @@ class IdSet(_SpillFolder):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def spill(self) -> None:
-        """Append what the set holds in RAM to its files."""
-        folder = self._folder()
+    def _spill_to(self, folder: Path) -> None:
         self.ids.spill(folder / "ids")
         self.keys.spill(folder / "keys")
-        self.n_spills += 1
 
     def nbytes(self) -> int:
         """RAM held: the ids' bytes and ends not in files, the key runs and recent keys not in files."""

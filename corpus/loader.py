@@ -94,8 +94,6 @@ class PackedReader:
         # Plain ndarray views of the memory maps: same pages, without np.memmap's per-slice overhead.
         self._tokens = [np.asarray(s.tokens) for s in self.shards]
         self._masks = [None if s.mask is None else np.asarray(s.mask).view(bool) for s in self.shards]
-        self._all_true = np.ones(seq_len + 1, dtype=bool)  # the mask of a window from a shard without one
-        self._columns = np.arange(seq_len + 1, dtype=np.int64)
         self.kernel = kernel
         if kernel == "c":
             # The memory maps' addresses: valid while self._tokens / self._masks hold the maps open.
@@ -105,8 +103,11 @@ class PackedReader:
             self._build_windows()
 
     def _build_windows(self) -> None:
-        """The position ramp, and the per-window table when it fits under TABLE_LIMIT_BYTES."""
+        """The numpy path's state: the position ramp, and the per-window table when it fits under
+        TABLE_LIMIT_BYTES."""
         T, n = self.seq_len, len(self)
+        self._all_true = np.ones(T + 1, dtype=bool)  # the mask of a window from a shard without one
+        self._columns = np.arange(T + 1, dtype=np.int64)
         # The ramp reaches as deep into a document as a window can start (the longest document), capped.
         longest = int(np.diff(self._doc_bounds).max()) if self.n_docs else 0
         ramp_len = max(T + 1, min(longest + T + 1, RAMP_LIMIT))

@@ -54,7 +54,12 @@ def test_spilled_index_decides_as_in_ram_and_as_datasketch(
     assert sum(rule == "dedup.near" for rule, _ in expected.values()) > 100
     assert sum(rule == "dedup.exact" for rule, _ in expected.values()) > 100
 
-    assert _decide(DedupIndex(threshold, num_perm, flush_at=64), items) == expected
+    in_ram = DedupIndex(threshold, num_perm, flush_at=64)  # many runs, merged
+    assert _decide(in_ram, items) == expected
+    assert len(in_ram.band_keys.runs) >= 2
+    # Compact: one 12-byte entry per band for each document in the index (recent keys ~100 B).
+    bands, _ = lsh_bands(threshold, num_perm)
+    assert in_ram.band_keys.nbytes() <= len(in_ram.near_ids) * bands * 12 + 100 * in_ram.band_keys.n_recent
 
     index = DedupIndex(threshold, num_perm, flush_at=64, memory_budget=budget, spill_dir=tmp_path / "spill")
     got, ram = {}, []

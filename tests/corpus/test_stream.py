@@ -3,18 +3,15 @@ index against datasketch's LSH, and the split corrections written back."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import corpus.pipeline as pipeline_mod
 import corpus.readers as readers_mod
 from communs import UserError
-from corpus.dedup import DedupIndex, lsh_bands
 from corpus.pipeline import WorkerPool, curate_to, open_pool
 from corpus.sources import load_sources
 from corpus.splits import assign_splits, split_corrections
@@ -211,40 +208,6 @@ def test_the_reader_is_pulled_lazily_with_bounded_look_ahead(tmp_path, monkeypat
     assert max(look_ahead) <= 2 * window + 1 < n_lines // 10
 
 
-@pytest.mark.parametrize("threshold", [0.5, 0.8])
-def test_dedup_index_decides_as_datasketch_lsh(threshold, datasketch_duplicates):
-    rng = np.random.default_rng(0)
-    num_perm = 64
-    bands, rows = lsh_bands(threshold, num_perm)
-    bases = rng.integers(0, 2**32, size=(150, num_perm), dtype=np.uint32)
-    items = []
-    for k in range(1500):
-        sig = bases[rng.integers(0, len(bases))].copy()
-        # Change a random share of the values: agreement from ~0.4 to 1, around the threshold.
-        changed = rng.random(num_perm) < rng.uniform(0.0, 0.6)
-        sig[changed] = rng.integers(0, 2**32, size=int(changed.sum()), dtype=np.uint32)
-        if k % 3 == 0:  # a band equal but agreement below the threshold, or above it without a band
-            sig[:rows] = bases[k % len(bases)][:rows]
-        sha = hashlib.sha256(sig.tobytes()).hexdigest() if k % 4 else None
-        if k % 10 == 0 and items:  # an exact copy of an earlier document (same sha)
-            sha = items[-1][1]
-        items.append((f"d{k}", sha, sig if k % 13 else None))
-    expected = datasketch_duplicates(items, threshold, num_perm)
-    index = DedupIndex(threshold, num_perm, flush_at=64)  # many runs, merged
-    got = {}
-    for i, (doc_id, sha, sig) in enumerate(items):
-        verdict = index.check(doc_id, sha, sig)
-        if verdict:
-            got[i] = verdict
-    assert got == expected
-    assert sum(rule == "dedup.near" for rule, _ in expected.values()) > 50
-    assert sum(rule == "dedup.exact" for rule, _ in expected.values()) > 50
-    assert len(index.band_keys.runs) >= 2
-    # Compact: the signature row and one 12-byte entry per band for each document in the index.
-    n = len(index.near_ids)
-    assert index.band_keys.nbytes() <= n * bands * 12 + 100 * index.band_keys.n_recent
-
-
 def test_resume_encodes_only_what_finished_shards_lack_and_a_rerun_redoes_nothing(
     corpus_dir, small_tokenizer, tmp_path, monkeypatch
 ):
@@ -393,35 +356,6 @@ def test_tiny_sources_give_the_same_files_for_1_and_2_workers(tmp_path):
     assert corrected == ["s1", "s2", "book", "s3"]
     book = [r for r in records if r["source"] == "book"]
     assert len(book) == 4 and {r["split"] for r in book} == {"train"}
-
-
-@pytest.mark.parametrize("workers", [1, 2])
-def test_a_later_source_that_cannot_be_read_fails_after_an_earlier_fatal_problem(tmp_path, workers):
-    """The error is the first in corpus order, whatever the look-ahead has already started reading."""
-    root = tmp_path / "corpus"
-    root.mkdir()
-    (root / "a.jsonl").write_text('{"text": "unterminated\n', encoding="utf-8")
-    (root / "bad-name.txt").write_text(NOVEL[:2000], encoding="utf-8")
-    (root / "sources.yaml").write_text(
-        textwrap.dedent(
-            """\
-            release: {licence: Apache-2.0}
-            sources:
-              - {id: a, format: jsonl, paths: [a.jsonl], errors: fatal, licence: MIT, language: fr, domain: web,
-                 url: https://example.org}
-              - {id: b, format: text, paths: ["*.txt"], id_pattern: '-(bk\\d+)\\.txt$', licence: MIT, language: fr,
-                 domain: web, url: https://example.org}
-            """
-        ),
-        encoding="utf-8",
-    )
-    sf = load_sources(root / "sources.yaml")
-    with open_pool(sf, workers) as pool, pytest.raises(UserError, match=r"a\.jsonl:1: malformed JSON"):
-        curate_to(sf, tmp_path / "out", pool)
-    # Alone, the second source's error is raised (after the units before it).
-    sf.sources = sf.sources[1:]
-    with open_pool(sf, workers) as pool, pytest.raises(UserError, match="does not match the file name"):
-        curate_to(sf, tmp_path / "out2", pool)
 
 
 def test_shard_encoding_is_one_stream_over_the_sources(tmp_path, small_tokenizer, monkeypatch):
@@ -611,38 +545,43 @@ def _corrupt_page(path: Path, row_group: int) -> None:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_corrupt_parquet_page_fails_in_its_worker_by_file_name_in_corpus_order(tmp_path, workers):
-    """A parquet file whose footer reads but whose third row group does not: the worker that decodes it
-    raises one line naming the file; an earlier source's fatal problem still comes first."""
+@pytest.mark.parametrize("second", ["text", "parquet"])
+def test_a_later_source_that_cannot_be_read_fails_after_an_earlier_fatal_problem(tmp_path, workers, second):
+    """The error is the first in corpus order, whatever the look-ahead has already started reading. The
+    second source fails in the main process (`text`: a file name its id_pattern does not match) or in
+    the worker that decodes it (`parquet`: the footer reads, the third row group does not), naming the
+    file in one line."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     root = tmp_path / "corpus"
     root.mkdir()
     (root / "a.jsonl").write_text('{"text": "unterminated\n', encoding="utf-8")
-    texts = [NOVEL[4000 + 900 * k : 4000 + 900 * k + 800] for k in range(12)]
-    pq.write_table(pa.table({"text": texts}), root / "bad.parquet", row_group_size=4)
-    _corrupt_page(root / "bad.parquet", 2)
+    where = "licence: MIT, language: fr, domain: web, url: https://example.org"
+    if second == "text":
+        (root / "bad-name.txt").write_text(NOVEL[:2000], encoding="utf-8")
+        b = f"""{{id: b, format: text, paths: ["*.txt"], id_pattern: '-(bk\\d+)\\.txt$', {where}}}"""
+    else:
+        texts = [NOVEL[4000 + 900 * k : 4000 + 900 * k + 800] for k in range(12)]
+        pq.write_table(pa.table({"text": texts}), root / "bad.parquet", row_group_size=4)
+        _corrupt_page(root / "bad.parquet", 2)
+        b = f"{{id: b, format: parquet, paths: [bad.parquet], {where}}}"
     (root / "sources.yaml").write_text(
-        textwrap.dedent(
-            """\
-            release: {licence: Apache-2.0}
-            sources:
-              - {id: a, format: jsonl, paths: [a.jsonl], errors: fatal, licence: MIT, language: fr, domain: web,
-                 url: https://example.org}
-              - {id: b, format: parquet, paths: [bad.parquet], licence: MIT, language: fr, domain: web,
-                 url: https://example.org}
-            """
-        ),
+        "release: {licence: Apache-2.0}\nsources:\n"
+        f"  - {{id: a, format: jsonl, paths: [a.jsonl], errors: fatal, {where}}}\n  - {b}\n",
         encoding="utf-8",
     )
     sf = load_sources(root / "sources.yaml")
     with open_pool(sf, workers) as pool, pytest.raises(UserError, match=r"a\.jsonl:1: malformed JSON"):
         curate_to(sf, tmp_path / "out", pool)
+    # Alone, the second source's error is raised (after the units before it).
     sf.sources = sf.sources[1:]
     with open_pool(sf, workers) as pool, pytest.raises(UserError) as e:
         curate_to(sf, tmp_path / "out2", pool)
-    assert str(e.value).startswith(
-        f"{root / 'bad.parquet'}: cannot read as parquet: Couldn't deserialize thrift: don't know what type: "
-    )
-    assert str(e.value).isprintable()  # the raw byte quoted by pyarrow is escaped
+    if second == "text":
+        assert "does not match the file name" in str(e.value)
+    else:
+        assert str(e.value).startswith(
+            f"{root / 'bad.parquet'}: cannot read as parquet: Couldn't deserialize thrift: don't know what type: "
+        )
+        assert str(e.value).isprintable()  # the raw byte quoted by pyarrow is escaped
