@@ -16,7 +16,9 @@ demo: setup
 	$(VENV)/bin/communs demo
 
 # Unit + end-to-end tests; Slurm tests run when a cluster can be started here (root + apt), else skip.
+# lint-imports first: an import against the one-way house (docs/architecture.md) fails in seconds.
 test: setup
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 	-@scripts/slurm-cluster.sh up
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -24,6 +26,7 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow and not slurm" $(PYTEST_ARGS)
 
 lint: setup
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 

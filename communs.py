@@ -1,49 +1,17 @@
-"""`communs`: the one command-line entry point.
+"""`communs` (and `python -m communs`): the command, defined in app/cli.py.
 
-Each package registers its own subcommands (`register(subparsers)` in its `cli.py`); this file only
-dispatches. Errors meant for the user are `UserError`s: one line on stderr, exit code 2.
+Kept as a top-level module so that `python -m communs` and `communs.main([...])` work from a checkout;
+nothing of ours imports it. `UserError` lives in common/errors.py.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
 
-# (subcommand, module that defines it); imported lazily so that `communs --help` stays fast.
-COMMANDS = {
-    "data": "corpus.cli",
-    "tokenizer": "tokenizer.cli",
-    "train": "train.cli",
-    "eval": "eval.cli",
-    "generate": "eval.cli",
-    "slurm": "slurm.cli",
-    "demo": "release.demo",
-}
+from app.cli import main
+from common.errors import UserError
 
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit code 2, no traceback."""
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="communs", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    wanted = argv[0] if argv and argv[0] in COMMANDS else None
-    modules = {COMMANDS[wanted]} if wanted else dict.fromkeys(COMMANDS.values())
-    for name in modules:
-        importlib.import_module(name).register(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UserError as e:
-        print(f"communs {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
+__all__ = ["main", "UserError"]
 
 if __name__ == "__main__":
-    # Run through the importable module so that `UserError` is the class the packages raise.
-    from communs import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from communs import UserError
+from common.errors import UserError
 from corpus.manifest import load_manifest
 from corpus.optout import optout_set, read_entries
 
@@ -19,7 +19,7 @@ def _manifest_file(path: str | os.PathLike) -> Path:
 
 def provenance(manifest_path: str | os.PathLike) -> tuple[dict, list[dict]]:
     """A manifest and its provenance records (the file's hash checked against the manifest)."""
-    from corpus.shards import sha256_file
+    from common.io import sha256_file
 
     manifest_path = _manifest_file(manifest_path)
     manifest = load_manifest(manifest_path)

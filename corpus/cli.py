@@ -1,4 +1,4 @@
-"""`communs data …`: prepare, optout add, diff, exposure, seen, verify (docs/corpus.md)."""
+"""`communs data …`: prepare, encode, optout add, diff, exposure, seen, verify (docs/corpus.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from communs import UserError
+from common.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,6 +24,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="worker processes (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_prepare)
+
+    p = sub.add_parser(
+        "encode", help="encode text/jsonl files into one token shard, [bos]+ids+[eos] per document"
+    )
+    p.add_argument(
+        "inputs", nargs="+", help="files or folders (.txt, .md: one document each; .jsonl: one per line)"
+    )
+    p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer.model or its folder")
+    p.add_argument(
+        "--out", required=True, type=Path, help="shard prefix to write (PREFIX.tokens/.index/.json)"
+    )
+    p.add_argument("--field", default="text", help="the text field of .jsonl records (default: text)")
+    p.add_argument("--threads", type=int, default=0, help="0 = all cores")
+    p.set_defaults(func=_encode)
 
     p = sub.add_parser("optout", help="manage the opt-out list")
     osub = p.add_subparsers(dest="optout_command", metavar="OPTOUT_COMMAND", required=True)
@@ -61,6 +75,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="recompute every hash a data directory's manifest names")
     p.add_argument("data_dir")
     p.set_defaults(func=_verify)
+
+
+def _encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from corpus.shards import write_shard
+    from tokenizer import Tokenizer
+    from tokenizer.files import expand_inputs, iter_documents
+
+    tok = Tokenizer.load(args.tokenizer)
+    paths = expand_inputs(args.inputs)
+    docs = (doc for path in paths for doc in iter_documents(path, args.field))
+    ids = tok.encode_iter(docs, num_threads=args.threads, progress="encode")
+    record = write_shard(args.out, (np.asarray([tok.bos_id, *d, tok.eos_id], dtype=np.uint32) for d in ids))
+    print(f"{args.out}: {record['n_docs']} documents, {record['n_tokens']} tokens")
+    return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:

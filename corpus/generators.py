@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from communs import UserError
+from common.errors import UserError
 
 PARAMS = {
     "arithmetic": {"n_docs": 1000, "problems_per_doc": 3, "seed": 0},

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from communs import UserError
+from common.errors import UserError
 
 # Training phase kinds (train/'s recipe `kind`); `conditions.phases` lists the ones a source may feed.
 PHASES = ("pretrain", "context-extension", "anneal", "sft")

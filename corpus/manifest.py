@@ -13,14 +13,11 @@ import json
 import os
 from pathlib import Path
 
-from communs import UserError
-from corpus.shards import sha256_file, verify_shard
+from common.errors import UserError
+from common.io import canonical_json, sha256_file
+from corpus.shards import verify_shard
 
 FORMAT = "communs.manifest/1"
-
-
-def canonical_json(obj: object) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def root_hash(manifest: dict) -> str:

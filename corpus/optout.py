@@ -17,7 +17,7 @@ import os
 import re
 from pathlib import Path
 
-from communs import UserError
+from common.errors import UserError
 from corpus.stages import OptOutSet
 
 KINDS = ("doc_id", "author", "sha256", "url", "domain")
@@ -41,7 +41,7 @@ def _check_entry(entry: object, where: str) -> dict:
 
 
 def read_entries(path: str | Path) -> list[dict]:
-    from tokenizer.files import iter_jsonl
+    from common.io import iter_jsonl
 
     path = Path(path)
     if not path.is_file():

@@ -32,7 +32,8 @@ from typing import IO
 
 from tqdm import tqdm
 
-from communs import UserError
+from common.errors import UserError
+from common.io import iter_jsonl
 from corpus.dedup import DedupIndex, IdSet, signature
 from corpus.optout import optout_set, read_entries
 from corpus.readers import Problem, ReadUnit, parse_unit, read_units
@@ -48,7 +49,6 @@ from corpus.stages import (
     load_wordlist,
     wordlist_path,
 )
-from tokenizer.files import iter_jsonl
 
 
 @dataclass

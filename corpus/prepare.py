@@ -28,15 +28,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from communs import UserError
+from common.errors import UserError
+from common.io import canonical_json, iter_jsonl, sha256_file, write_atomic
 from corpus.licences import LICENCES
-from corpus.manifest import canonical_json, load_manifest, write_manifest
+from corpus.manifest import load_manifest, write_manifest
 from corpus.pipeline import WorkerPool, curate_to, default_workers, open_pool, worker_state
 from corpus.seen import build_index
-from corpus.shards import sha256_file, write_shard
+from corpus.shards import write_shard
 from corpus.sources import Source, SourcesFile, load_sources
 from corpus.stages import STAGE_VERSIONS, content_text, wordlist_path
-from tokenizer.files import iter_jsonl
+from tokenizer import Tokenizer, sample_texts, train_tokenizer
 
 SPLITS = ("train", "val")
 _ENCODE_UNIT_BYTES = 1 << 18  # curated rows per encoding task (read back as raw lines)
@@ -51,13 +52,6 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[pkg] = "absent"
     return out
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -121,7 +115,7 @@ def _install_curated(out: Path, sf: SourcesFile, staging: Path, state: dict) -> 
         os.replace(staging / "curated" / f"{s.id}.jsonl", out / "curated" / f"{s.id}.jsonl")
     os.replace(staging / "provenance.jsonl", out / "provenance.jsonl")
     shutil.rmtree(staging)
-    _write_atomic(state_path, json.dumps(state, sort_keys=True).encode())
+    write_atomic(state_path, json.dumps(state, sort_keys=True).encode())
 
 
 def _curated_rows(curated_dir: Path, source_id: str, split: str):
@@ -150,8 +144,6 @@ def _tokenizer_step(out: Path, sf: SourcesFile, curated_dir: Path, fingerprint: 
     Nothing in out/tokenizer changes here: a UserError (e.g. a sample too small for the vocabulary)
     leaves the directory as it was.
     """
-    from tokenizer import sample_texts, train_tokenizer
-
     if existing is not None:
         return existing, None, {"trained": False}
     tok_dir = out / "tokenizer"
@@ -179,8 +171,6 @@ def _tokenizer_step(out: Path, sf: SourcesFile, curated_dir: Path, fingerprint: 
 
 
 def _install_tokenizer(out: Path, new: Path | None, tok_fp: str | None):
-    from tokenizer import Tokenizer
-
     tok_dir = out / "tokenizer"
     model_path = tok_dir / "tokenizer.model"
     state_path = tok_dir / "state.json"
@@ -190,12 +180,12 @@ def _install_tokenizer(out: Path, new: Path | None, tok_fp: str | None):
     tok_dir.mkdir(parents=True, exist_ok=True)
     if tok_fp is None:  # --tokenizer: a copy of the given model
         if not model_path.is_file() or sha256_file(model_path) != sha256_file(new):
-            _write_atomic(model_path, new.read_bytes())
+            write_atomic(model_path, new.read_bytes())
         return Tokenizer.load(model_path)
     for f in sorted(new.iterdir()):
         os.replace(f, tok_dir / f.name)
     new.rmdir()
-    _write_atomic(state_path, json.dumps({"fingerprint": tok_fp}).encode())
+    write_atomic(state_path, json.dumps({"fingerprint": tok_fp}).encode())
     return Tokenizer.load(model_path)
 
 
@@ -209,8 +199,6 @@ def _encode_rows(task: tuple[str, dict[str, int], list[tuple[int, bytes]]]) -> l
     tok_path, skip, lines = task
     cache = worker_state().setdefault("tokenizers", {})
     if tok_path not in cache:
-        from tokenizer import Tokenizer
-
         cache[tok_path] = Tokenizer.load(tok_path)
     tok = cache[tok_path]
     rows = []
@@ -269,7 +257,7 @@ class _ShardWriter:
         self.pending_end = 0
         if not self.complete:
             self.folder.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.plan_path, json.dumps(self.plan, indent=1).encode())
+            write_atomic(self.plan_path, json.dumps(self.plan, indent=1).encode())
 
     def add(self, doc, end: int) -> None:
         n = len(doc[0] if isinstance(doc, tuple) else doc)
@@ -284,7 +272,7 @@ class _ShardWriter:
         write_shard(self.folder / name, self.pending)
         entry = {"name": name, "first_doc": self.first, "n_docs": len(self.pending), "end": self.pending_end}
         self.plan["done"].append(entry)
-        _write_atomic(self.plan_path, json.dumps(self.plan, indent=1).encode())
+        write_atomic(self.plan_path, json.dumps(self.plan, indent=1).encode())
         self.first += len(self.pending)
         self.pending, self.pending_tokens = [], 0
 
@@ -292,7 +280,7 @@ class _ShardWriter:
         if self.pending:
             self._flush()
         self.plan["complete"] = self.complete = True
-        _write_atomic(self.plan_path, json.dumps(self.plan, indent=1).encode())
+        write_atomic(self.plan_path, json.dumps(self.plan, indent=1).encode())
 
     def records(self, out: Path) -> list[dict]:
         shards = []
@@ -418,8 +406,6 @@ def prepare(
     if existing is not None:
         if not existing.is_file():
             raise UserError(f"--tokenizer {existing}: no such file")
-        from tokenizer import Tokenizer
-
         Tokenizer.load(existing)  # not a sentencepiece model → UserError naming the file
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory")

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from communs import UserError
+from common.errors import UserError
 from corpus.sources import Source
 from corpus.stages import Doc
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from communs import UserError
+from common.errors import UserError
 from corpus.stages import normalise_text
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")

@@ -14,7 +14,6 @@ its .json is unfinished and is never read (nor counted by a resumed preparation)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -23,17 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from common.io import sha256_file
+
 FORMAT = "communs.shard/1"
 TOKEN_DTYPE = np.dtype("<u4")
 INDEX_DTYPE = np.dtype("<u8")
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_shard(

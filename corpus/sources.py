@@ -8,7 +8,6 @@ licences must be known) and returns a `SourcesFile`. The schema is documented in
 from __future__ import annotations
 
 import copy
-import difflib
 import fnmatch
 import glob
 import re
@@ -19,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from communs import UserError
+from common.errors import UserError
+from common.suggest import did_you_mean
 from corpus.licences import Conditions, check_licence, conditions_for, policy_violation
 from corpus.stages import DEFAULT_ORDER, STAGE_DEFAULTS
 
@@ -102,17 +102,12 @@ class SourcesFile:
         raise UserError(f"{self.path}: no source {source_id!r}")
 
 
-def _suggest(key: str, allowed: set[str]) -> str:
-    close = difflib.get_close_matches(key, sorted(allowed), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _check_keys(mapping: Any, allowed: set[str], required: set[str], where: str) -> dict:
     if not isinstance(mapping, dict):
         raise UserError(f"{where}: expected a mapping, got {type(mapping).__name__}")
     for key in mapping:
         if key not in allowed:
-            raise UserError(f"{where}: unknown key {key!r}{_suggest(str(key), allowed)}")
+            raise UserError(f"{where}: unknown key {key!r}{did_you_mean(str(key), allowed)}")
     for key in sorted(required):
         if key not in mapping:
             raise UserError(f"{where}: missing key {key!r}")

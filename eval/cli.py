@@ -9,7 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from communs import UserError
+from common.errors import UserError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,7 +62,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def read_qa(path: str | os.PathLike, limit: int) -> list[dict]:
     """The first `limit` question/answer records of a jsonl file, with file:line errors."""
-    from tokenizer.files import iter_jsonl
+    from common.io import iter_jsonl
 
     records = []
     for n, rec in iter_jsonl(path):

@@ -7,20 +7,20 @@ from pathlib import Path
 
 import torch
 
-from communs import UserError
+from common.errors import UserError
 from model.generate import generate
+from model.hf import load_hf
 from model.llama import Transformer
-from release.export import load_export
 from tokenizer import Tokenizer
 
 
 def load_model(export_dir: str | os.PathLike) -> tuple[Transformer, Tokenizer]:
-    """Our model and tokenizer from an export folder (see release/export.py)."""
+    """Our model and tokenizer from an export folder (train/export.py) or anything with its files."""
     export_dir = Path(export_dir)
     for name in ("communs.json", "model.safetensors", "tokenizer.model"):
         if not (export_dir / name).exists():
             raise UserError(f"{export_dir}: not an exported model (missing {name})")
-    cfg, state_dict = load_export(export_dir)
+    cfg, state_dict = load_hf(export_dir)
     model = Transformer(cfg)
     model.load_state_dict(state_dict)
     model.eval()

@@ -32,7 +32,7 @@ import torch
 import yaml
 from lm_eval.api.model import LM
 
-from communs import UserError
+from common.errors import UserError
 from model.generate import generate
 from model.llama import Transformer
 from tokenizer import Tokenizer

@@ -15,11 +15,21 @@ never produced by our tokenizer and never targets.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from model.llama import ModelConfig, RopeScaling
+from model.llama import ModelConfig, RopeScaling, config_from_dict
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
+COMMUNS_CONFIG = "communs.json"  # our ModelConfig (the exact one, fields HF has no name for) + provenance
 
 _TOP_NAMES = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
@@ -223,3 +233,55 @@ def model_config_from_hf(d: dict, **overrides) -> ModelConfig:
     )
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A Hugging Face Llama folder on disk (the weights and configs; the tokenizer files are the tokenizer's)
+
+
+def save_hf(
+    state_dict: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    out_dir: str | os.PathLike,
+    *,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    stop_ids: list[int],
+    dtype: torch.dtype = torch.float32,
+    provenance: dict | None = None,
+) -> None:
+    """Write model.safetensors (HF names), config.json, generation_config.json and communs.json into the
+    existing folder `out_dir`. `stop_ids` are generation_config's eos ids (end of text, end of turn)."""
+    out_dir = Path(out_dir)
+    hf_sd = {k: v.detach().to("cpu", dtype).contiguous() for k, v in to_hf(state_dict, cfg).items()}
+    if cfg.tie_embeddings:
+        # safetensors refuses shared storage; transformers re-ties lm_head from the embeddings.
+        hf_sd.pop("lm_head.weight", None)
+    save_file(hf_sd, out_dir / WEIGHTS, metadata={"format": "pt"})
+    config = hf_config(cfg, torch_dtype=str(dtype).removeprefix("torch."), bos_token_id=bos_id,
+                       eos_token_id=eos_id, pad_token_id=pad_id)  # fmt: skip
+    _write_json(out_dir / CONFIG, config)
+    generation = {"bos_token_id": bos_id, "eos_token_id": sorted(set(stop_ids)), "pad_token_id": pad_id,
+                  "do_sample": False}  # fmt: skip
+    _write_json(out_dir / GENERATION_CONFIG, generation)
+    meta = {"model_config": dataclasses.asdict(cfg), "provenance": provenance or {}}
+    _write_json(out_dir / COMMUNS_CONFIG, meta)
+
+
+def load_hf(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a folder written by `save_hf` back into our ModelConfig and state dict (safetensors only:
+    nothing is unpickled). FileNotFoundError names a missing file; ValueError a bad config."""
+    folder = Path(folder)
+    for name in (COMMUNS_CONFIG, WEIGHTS):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder}: no {name}")
+    cfg = config_from_dict(json.loads((folder / COMMUNS_CONFIG).read_text())["model_config"])
+    hf_sd = load_file(folder / WEIGHTS)
+    if cfg.tie_embeddings and "lm_head.weight" not in hf_sd:
+        hf_sd["lm_head.weight"] = hf_sd["model.embed_tokens.weight"]
+    return cfg, from_hf(hf_sd, cfg)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

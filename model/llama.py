@@ -30,8 +30,9 @@ Notation (shape comments):
   Dh head dim (D / H), F MLP hidden width (ffn_dim), V padded vocabulary, S cached length (generation).
 
 The attention kernel and fused ops are chosen in model/ops.py (detected once, logged once); every fast path
-has a plain-PyTorch reference here (`attention_reference`, `rms_norm`, `apply_rope`, ...) that tests compare
-against. This file imports torch only.
+has a plain-PyTorch reference here (`rms_norm`, `apply_rope`, `cross_entropy_reference`; attention's and
+the document masks are in ops.py, which the fast CPU path shares) that tests compare against. This file
+imports torch only; ops.py is its leaf and never imports it.
 """
 
 from __future__ import annotations
@@ -46,8 +47,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model import ops
-
-IGNORE_INDEX = -100  # a target equal to this is not scored (padding, prompt tokens, document starts)
+from model.ops import IGNORE_INDEX
 
 ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "reference")
 KERNELS = ("auto", "torch", "liger", "reference")
@@ -277,34 +277,6 @@ def apply_rope(
 ) -> tuple[torch.Tensor, ...]:
     """q (B, T, H, Dh), k (B, T, H_kv, Dh), cos/sin (B, T, 1, Dh)."""
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-
-
-def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) index of the document each token belongs to: a new one starts where position_ids == 0."""
-    return (position_ids == 0).cumsum(dim=-1)
-
-
-def attention_mask(position_ids: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor:
-    """(B or 1, 1, T, T) bool, True where query t may attend key s: s <= t and same document."""
-    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
-    if position_ids is None:
-        return causal[None, None]  # (1, 1, T, T)
-    doc = document_ids(position_ids)  # (B, T)
-    same_doc = doc[:, :, None] == doc[:, None, :]  # (B, T, T)
-    return (causal & same_doc)[:, None]  # (B, 1, T, T): broadcast over heads
-
-
-def attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
-) -> torch.Tensor:
-    """softmax(q k^T / sqrt(Dh) masked) v, plain maths. q (B, H, T, Dh); k, v (B, H_kv, S, Dh);
-    allowed (B or 1, 1, T, S) bool. Returns (B, H, T, Dh)."""
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)  # (B, H, S, Dh): query head h uses KV head h // groups
-    v = v.repeat_interleave(groups, dim=1)  # (B, H, S, Dh)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
-    scores = scores.to(torch.promote_types(q.dtype, torch.float32)).masked_fill(~allowed, float("-inf"))
-    return torch.softmax(scores, dim=-1).to(q.dtype) @ v  # (B, H, T, Dh)
 
 
 def cross_entropy_reference(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,15 @@
 """Attention backends and fused ops: the one place where optional accelerators are detected.
 
 What is available is detected once (`available()`) and logged once per device type and dtype; every
-fast path falls back to plain PyTorch, and each has a reference in model/llama.py that tests compare
-against (tests/model/test_ops.py; `gpu`-marked where the fast path only runs on CUDA).
+fast path falls back to plain PyTorch, and each has a reference (in model/llama.py; the attention's and
+the document masks here, which the fast CPU path uses too) that tests compare against (tests/model/test_ops.py; `gpu`-marked where the fast path only runs on CUDA).
 
 Attention (ModelConfig.attention):
 - "flash": flash-attn; packed documents through flash_attn_varlen_func with cu_seqlens. CUDA, bf16/fp16.
 - "sdpa": torch scaled_dot_product_attention (flash / cuDNN / memory-efficient kernels on GPU). With
   document masking: FlexAttention with a block mask on CUDA (blocks outside every document are skipped);
   on CPU an explicit boolean (T x T) mask, because FlexAttention has no backward on CPU.
-- "reference": the plain-maths attention of llama.py.
+- "reference": the plain-maths attention below (`attention_reference`), with the dense mask.
 - "auto": flash when usable (CUDA, flash-attn importable, half precision), else sdpa.
 
 Fused ops (ModelConfig.kernels): RMSNorm, SwiGLU, RoPE and linear + cross-entropy.
@@ -17,7 +17,9 @@ Fused ops (ModelConfig.kernels): RMSNorm, SwiGLU, RoPE and linear + cross-entrop
 - "torch": the PyTorch implementations below: custom autograd Functions that save only their inputs
   (and recompute the cheap elementwise parts in backward), and a chunked linear + cross-entropy.
 - "auto": liger on CUDA tensors when installed, else torch.
-- "reference" never reaches this module (llama.py uses its own maths).
+- "reference" never reaches these (llama.py uses its own maths).
+
+This module is the model's leaf: it imports torch only, and llama.py imports it, never the reverse.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger("model.ops")
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # a target equal to this is not scored (padding, prompt tokens, document starts)
 HALF = (torch.bfloat16, torch.float16)
 
 
@@ -111,6 +114,37 @@ def use_liger(kernels: str, x: torch.Tensor) -> bool:
 # Attention
 
 
+# Masks and plain-maths attention (the reference the fast kernels are tested against)
+
+
+def document_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) index of the document each token belongs to: a new one starts where position_ids == 0."""
+    return (position_ids == 0).cumsum(dim=-1)
+
+
+def attention_mask(position_ids: torch.Tensor | None, T: int, device: torch.device) -> torch.Tensor:
+    """(B or 1, 1, T, T) bool, True where query t may attend key s: s <= t and same document."""
+    causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()  # (T, T)
+    if position_ids is None:
+        return causal[None, None]  # (1, 1, T, T)
+    doc = document_ids(position_ids)  # (B, T)
+    same_doc = doc[:, :, None] == doc[:, None, :]  # (B, T, T)
+    return (causal & same_doc)[:, None]  # (B, 1, T, T): broadcast over heads
+
+
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh) masked) v, plain maths. q (B, H, T, Dh); k, v (B, H_kv, S, Dh);
+    allowed (B or 1, 1, T, S) bool. Returns (B, H, T, Dh)."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)  # (B, H, S, Dh): query head h uses KV head h // groups
+    v = v.repeat_interleave(groups, dim=1)  # (B, H, S, Dh)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    scores = scores.to(torch.promote_types(q.dtype, torch.float32)).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1).to(q.dtype) @ v  # (B, H, T, Dh)
+
+
 @dataclass
 class Mask:
     """What the attention kernel needs to know about who attends whom, prepared once per forward.
@@ -135,8 +169,6 @@ def make_mask(
     device: torch.device,
     dtype: torch.dtype,
 ) -> Mask:
-    from model.llama import attention_mask, document_ids  # the definitions; llama.py imports this module
-
     backend = resolve_attention(requested, device, dtype)
     if backend == "reference":
         return Mask(backend, dense=attention_mask(position_ids, T, device))
@@ -205,8 +237,6 @@ def attention_dense(
 ) -> torch.Tensor:
     """Attention with an explicit mask. q (B, H, T, Dh); k, v (B, H_kv, S, Dh); allowed (B|1, 1, T, S)."""
     if reference:
-        from model.llama import attention_reference
-
         return attention_reference(q, k, v, allowed)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=k.shape[1] != q.shape[1])
 

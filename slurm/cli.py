@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from communs import UserError
+from common.errors import UserError
 
 
 class _IntermixedParser(argparse.ArgumentParser):

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from communs import UserError
+from common.errors import UserError
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 

@@ -12,7 +12,7 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from communs import UserError
+from common.errors import UserError
 from slurm.profiles import Profile, format_time
 from train import EXIT_REQUEUE  # the ranks' "checkpointed, not finished" code: the job requeues on it
 

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from communs import UserError
+from common.errors import UserError
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from communs import UserError
+from common.errors import UserError
 from slurm.profiles import format_time
 from slurm.render import Launch, check_time_limit, estimate_step_time, render_train_script
 
@@ -127,7 +127,6 @@ def plan_training(
 ) -> RunPlan:
     """Validate the recipe for this launch (files, data budgets, batch divisibility, the wall time) and
     plan its jobs. Nothing is written; every error is raised here, before anything is submitted."""
-    from model.llama import flops_per_token
     from train.recipe import load_recipe, plan_phases, to_yaml, validate_inputs
 
     if chain not in CHAINS:
@@ -144,9 +143,7 @@ def plan_training(
     for ph in phases:
         est = step_time_s
         if est is None:
-            est = estimate_step_time(
-                ph.phase.batch_tokens, flops_per_token(ph.model_cfg, ph.phase.seq_len), launch
-            )
+            est = estimate_step_time(ph.phase.batch_tokens, ph.flops_per_token, launch)
         estimates[ph.name] = est
         check_time_limit(launch, recipe.checkpoint.interval, est, f"phase {ph.name!r} of {recipe_path}")
 

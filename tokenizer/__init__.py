@@ -8,9 +8,9 @@
 See docs/tokenizer.md.
 """
 
+from common.io import read_text
 from tokenizer.chat import IM_END, IM_START, SEGMENT_BREAK, jinja_template, render_chat
 from tokenizer.core import MODEL_FILE, Tokenizer, check_vocab
-from tokenizer.files import read_text
 from tokenizer.train import sample_texts, train_tokenizer
 
 __all__ = [

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from communs import UserError
+from common.errors import UserError
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"

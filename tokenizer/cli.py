@@ -2,7 +2,7 @@
 
 communs tokenizer train data/demo/roman19 data/demo/nouvelles19 --out runs/tok --vocab-size 8000
 communs tokenizer encode --tokenizer runs/tok --text "L’œuvre coûte 1 234 €."
-communs tokenizer encode --tokenizer runs/tok data/demo/roman19 --out runs/tok-shard/00000
+(files are encoded into a token shard by `communs data encode`: shards are the corpus's format)
 communs tokenizer export --tokenizer runs/tok --out runs/tok-hf
 """
 
@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from communs import UserError
+from common.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,17 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0, help="0 = all cores")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("encode", help="encode text: print ids, or write a token shard")
-    p.add_argument(
-        "inputs", nargs="*", help="files or folders to encode into a shard (one document per file/record)"
+    p = sub.add_parser(
+        "encode", help="encode a text: print its ids and pieces (files: `communs data encode`)"
     )
     p.add_argument("--tokenizer", required=True, type=Path, help="tokenizer.model or its folder")
-    p.add_argument("--text", help="encode this text and print its ids and pieces")
-    p.add_argument(
-        "--out", type=Path, help="shard prefix to write (PREFIX.tokens/.index/.json), [bos]+ids+[eos] per doc"
-    )
-    p.add_argument("--field", default="text", help="the text field of .jsonl records (default: text)")
-    p.add_argument("--threads", type=int, default=0, help="0 = all cores")
+    p.add_argument("--text", required=True, help="the text to encode")
     p.set_defaults(func=_encode)
 
     p = sub.add_parser("export", help="write a transformers tokenizer folder (AutoTokenizer.from_pretrained)")
@@ -108,26 +102,8 @@ def _encode(args: argparse.Namespace) -> int:
     from tokenizer.core import Tokenizer
 
     tok = Tokenizer.load(args.tokenizer)
-    if args.text is None and not args.inputs:
-        raise UserError("nothing to encode: give --text or input files")
-    if args.text is not None:
-        ids = tok.encode(args.text)
-        print(json.dumps({"ids": ids, "pieces": [tok.id_to_piece(i) for i in ids]}, ensure_ascii=False))
-    if args.inputs:
-        if args.out is None:
-            raise UserError("encoding files needs --out PREFIX (the shard to write)")
-        import numpy as np
-
-        from corpus.shards import write_shard
-        from tokenizer.files import expand_inputs, iter_documents
-
-        paths = expand_inputs(args.inputs)
-        docs = (doc for path in paths for doc in iter_documents(path, args.field))
-        ids = tok.encode_iter(docs, num_threads=args.threads, progress="encode")
-        record = write_shard(
-            args.out, (np.asarray([tok.bos_id, *d, tok.eos_id], dtype=np.uint32) for d in ids)
-        )
-        print(f"{args.out}: {record['n_docs']} documents, {record['n_tokens']} tokens")
+    ids = tok.encode(args.text)
+    print(json.dumps({"ids": ids, "pieces": [tok.id_to_piece(i) for i in ids]}, ensure_ascii=False))
     return 0
 
 

@@ -22,11 +22,12 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from communs import UserError
+from common.errors import UserError
+from common.io import read_text
 from tokenizer.chat import CHAT_TOKENS, IM_END, IM_START, SEGMENT_BREAK, check_messages, escape_content
-from tokenizer.files import read_text
+from tokenizer.files import MODEL_FILE
+from tokenizer.hf import export_hf
 
-MODEL_FILE = "tokenizer.model"
 # Texts longer than this (characters) are encoded line by line (see encode_batch).
 LONG_TEXT = 4096
 SPECIAL_PIECES = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, IM_START: 4, IM_END: 5}
@@ -260,8 +261,6 @@ class Tokenizer:
         Same ids as ours on any text and in the chat template (see tokenizer/hf.py); files are moved in
         one by one, so `out_dir` may already hold a model's weights.
         """
-        from tokenizer.hf import export_hf
-
         return export_hf(self, Path(out_dir), model_max_length)
 
 

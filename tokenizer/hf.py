@@ -24,10 +24,14 @@ import os
 import re
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from communs import UserError
+from common.errors import UserError
 from tokenizer.chat import CHAT_TOKENS, SEGMENT_BREAK, jinja_template
-from tokenizer.core import MODEL_FILE, Tokenizer
+from tokenizer.files import MODEL_FILE
+
+if TYPE_CHECKING:  # core imports this module (Tokenizer.export_hf); the class is only a type here
+    from tokenizer.core import Tokenizer
 
 # sentencepiece piece types (sentencepiece_model.proto): only NORMAL pieces are reachable by merges.
 NORMAL = 1

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from communs import UserError
+from common.errors import UserError
+from common.io import write_atomic
 from tokenizer.chat import CHAT_TOKENS, SEGMENT_BREAK
 from tokenizer.core import MODEL_FILE, Tokenizer, default_threads
 
@@ -173,7 +174,7 @@ def train_tokenizer(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / MODEL_FILE
-    _write_atomic(path, proto)
+    write_atomic(path, proto)
     meta = {
         "format": META_FORMAT,
         "model": MODEL_FILE,
@@ -187,7 +188,7 @@ def train_tokenizer(
         "sentencepiece": spm.__version__,
         "train_seconds": round(seconds, 3),
     }
-    _write_atomic(out_dir / META_FILE, (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode())
+    write_atomic(out_dir / META_FILE, (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode())
     log.info(
         "tokenizer: %d pieces from %d lines (%d bytes) in %.1fs -> %s",
         tok.vocab_size,
@@ -211,12 +212,3 @@ def _canonical(proto: bytes) -> bytes:
     model.ParseFromString(proto)
     model.trainer_spec.ClearField("num_threads")
     return model.SerializeToString(deterministic=True)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -6,6 +6,8 @@
     train.checkpoint  atomic checkpoint commit, integrity check, resume scan, RNG state
     train.telemetry   metrics.jsonl, wandb, console progress, MFU, run-directory files
     train.loop        the per-rank entry `run(recipe, run_dir)` and the visible `train_step`
+    train.export      a phase's weights as a Hugging Face folder (RUN/export/<phase>/)
+    train.rank        one rank (`python -m train`): its arguments, validation again, the loop
     train.cli         `communs train RECIPE [key=value ...]`: validate, write the run dir, launch torchrun
 
 Exit codes of `communs train` and of each rank (`python -m train`): EXIT_OK when every phase is done,

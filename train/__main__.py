@@ -1,64 +1,14 @@
-"""One rank of a training run: `python -m train RECIPE [key=value ...] --run-dir DIR [--resume ...]`.
-
-Started by `communs train` through torchrun, by srun + torchrun on a cluster, or alone (then it is a
-one-process run: RANK=0, WORLD_SIZE=1 and a free local port are set). The recipe is validated again
-here, before the process group starts. Exit codes: see train/__init__.py.
-"""
+"""`python -m train`: one rank of a training run (see train/rank.py)."""
 
 from __future__ import annotations
 
-import argparse
 import os
-import socket
 import sys
-from pathlib import Path
 
-from communs import UserError
 from train import EXIT_REQUEUE
+from train.rank import main
 
-
-def run_rank(args: argparse.Namespace) -> int:
-    from train import loop
-    from train.recipe import load_recipe, validate_inputs
-    from train.telemetry import update_run_json
-
-    world = int(os.environ["WORLD_SIZE"])
-    rank = int(os.environ["RANK"])
-    run_dir = None
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-        run_dir = Path(args.run_dir or Path("runs") / recipe.name).absolute()
-        validate_inputs(recipe, world, args.recipe)
-        return loop.run(recipe, run_dir, resume=args.resume, stop_at_step=args.stop_at_step)
-    except UserError as e:
-        if rank == 0:
-            print(f"communs train: error: {e}", file=sys.stderr, flush=True)
-            if run_dir is not None and run_dir.is_dir():
-                update_run_json(run_dir, status="failed", error=str(e), error_kind="input")
-        return 2
-    except loop.TrainingAborted as e:
-        if rank == 0:
-            print(f"communs train: aborted: {e}", file=sys.stderr, flush=True)
-        return 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def main(argv: list[str] | None = None) -> int:
-    from train.cli import add_arguments
-
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))  # fmt: skip
-    return run_rank(args)
-
+__all__ = ["main"]  # slurm.rank calls train.__main__.main(argv) in-process
 
 if __name__ == "__main__":
     code = main()

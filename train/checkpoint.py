@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from communs import UserError
-from corpus.shards import sha256_file
+from common.errors import UserError
+from common.io import sha256_file, write_atomic
 
 FORMAT = "communs.checkpoint/1"
 TMP_PREFIX = ".tmp-"
@@ -60,15 +60,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -155,7 +146,11 @@ def commit(root: Path, tag: str, client: dict, hashes: dict[str, dict] | None = 
     missing = set(_files(tmp_dir)) - set(files)
     if missing:
         raise RuntimeError(f"{tmp_dir}: files not hashed: {sorted(missing)}")
-    _write_atomic(tmp_dir / "integrity.json", json.dumps({"format": FORMAT, "files": files}, indent=1) + "\n")
+    write_atomic(
+        tmp_dir / "integrity.json",
+        json.dumps({"format": FORMAT, "files": files}, indent=1) + "\n",
+        fsync=True,
+    )
     _fsync_dir(tmp_dir)
     final = root / tag
     old = root / (OLD_PREFIX + tag)
@@ -170,7 +165,7 @@ def commit(root: Path, tag: str, client: dict, hashes: dict[str, dict] | None = 
     if old.exists():
         shutil.rmtree(old)
     _fsync_dir(root)
-    _write_atomic(root / "latest", tag + "\n")
+    write_atomic(root / "latest", tag + "\n", fsync=True)
     return final
 
 
@@ -203,7 +198,7 @@ def restore(root: Path, tag: str) -> Path:
     if where.name != tag:
         os.replace(where, root / tag)
         _fsync_dir(root)
-        _write_atomic(root / "latest", tag + "\n")
+        write_atomic(root / "latest", tag + "\n", fsync=True)
     return root / tag
 
 

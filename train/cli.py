@@ -19,22 +19,9 @@ import time
 from pathlib import Path
 
 from train import EXIT_OK, EXIT_REQUEUE
+from train.rank import add_arguments, run_rank
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("recipe", help="recipe YAML (recipes/*.yaml)")
-    p.add_argument(
-        "overrides", nargs="*", help="recipe overrides key=value, e.g. phases.pretrain.tokens=2M seed=1"
-    )
-    p.add_argument("--run-dir", help="run directory (default: runs/<recipe name>)")
-    p.add_argument("--resume", choices=("auto", "never", "force"), default="auto",
-                   help="auto: from the newest valid checkpoint if any; never: fresh (refused if checkpoints exist); "
-                   "force: even from a different recipe or data manifest")  # fmt: skip
-    p.add_argument(
-        "--stop-at-step", type=int, help="checkpoint after this many steps and exit 75 (resumable)"
-    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,8 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if "RANK" in os.environ:  # already one rank of a launched job
-        from train.__main__ import run_rank
-
         return run_rank(args)
 
     from train import checkpoint, loop
@@ -58,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     world = args.nproc
     if world < 1:
-        from communs import UserError
+        from common.errors import UserError
 
         raise UserError(f"--nproc {world}: must be >= 1")
     manifest = validate_inputs(recipe, world, args.recipe)

@@ -14,9 +14,7 @@ document starts and, for chat data, of non-assistant tokens are not scored).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import math
 import os
 import signal
@@ -31,8 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from communs import UserError
+from common.errors import UserError
+from model.ops import IGNORE_INDEX
 from train import EXIT_OK, EXIT_REQUEUE, checkpoint, mixture, telemetry
+from train.export import consolidated_state_dict, export_hf
 from train.recipe import (
     PhasePlan,
     Recipe,
@@ -43,7 +43,6 @@ from train.recipe import (
     to_yaml,
 )
 
-IGNORE = -100
 FAULT_ENV = (
     "COMMUNS_FAULT_KILL_IN_CHECKPOINT"  # tests: SIGKILL rank 0 in the middle of this step's checkpoint
 )
@@ -139,7 +138,7 @@ def torch_optimizer(engine) -> torch.optim.Optimizer:
 class MicroBatch:
     input_ids: torch.Tensor  # (B, T) int64
     position_ids: torch.Tensor  # (B, T) int64, restarting at 0 at each document start
-    targets: torch.Tensor  # (B, T) int64, IGNORE where not scored
+    targets: torch.Tensor  # (B, T) int64, IGNORE_INDEX where not scored
     n_scored: int
 
 
@@ -149,7 +148,7 @@ def make_batch(
     """A micro-batch from stacked windows (`PackedReader.batch`): tokens (B, T+1), position_ids (B, T),
     loss mask (B, T). The arrays are used as they are (no copy on the host)."""
     tokens, scored = torch.from_numpy(tokens), torch.from_numpy(scored)
-    targets = torch.where(scored, tokens[:, 1:], IGNORE)
+    targets = torch.where(scored, tokens[:, 1:], IGNORE_INDEX)
     return MicroBatch(
         tokens[:, :-1].to(device),
         torch.from_numpy(positions).to(device),
@@ -588,7 +587,7 @@ def _train(recipe, run_dir, plans, manifest, root_hash, rhash, state, point, ran
             else {}
         )
         n_windows = {src: len(r) for src, r in train_readers.items()}
-        flops_per_token = _flops_per_token(plan)
+        flops_per_token = plan.flops_per_token
         step_seconds, tokens_since_log = 0.0, 0
         shown: dict[str, float] = {}
 
@@ -711,12 +710,6 @@ def _train(recipe, run_dir, plans, manifest, root_hash, rhash, state, point, ran
     return EXIT_OK
 
 
-def _flops_per_token(plan: PhasePlan) -> float:
-    from model.llama import flops_per_token
-
-    return flops_per_token(plan.model_cfg, plan.phase.seq_len)
-
-
 def _validate(engine, val_readers, plan, state, tel, device, recipe) -> None:
     losses = evaluate(
         engine,
@@ -734,8 +727,6 @@ def _validate(engine, val_readers, plan, state, tel, device, recipe) -> None:
 
 def export_phase(recipe: Recipe, plan: PhasePlan, ckpt_root: Path, tag: str, run_dir: Path, tel) -> Path:
     """Rank 0: the phase's consolidated fp32 weights as a Hugging Face folder, RUN/export/<phase>/."""
-    from release.export import export_hf
-
     state_dict = consolidated_state_dict(ckpt_root, tag, recipe.deepspeed.zero_stage)
     out = export_hf(
         state_dict, plan.model_cfg, recipe.tokenizer.path, run_dir / "export" / plan.name,
@@ -743,19 +734,6 @@ def export_phase(recipe: Recipe, plan: PhasePlan, ckpt_root: Path, tag: str, run
     )  # fmt: skip
     tel.message(f"exported {plan.name} to {out}")
     return out
-
-
-def consolidated_state_dict(ckpt_root: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full fp32 weights from a checkpoint: ZeRO's fp32 partitions merged (stages 1-3), or the module (0)."""
-    if zero_stage == 0:
-        # weights_only: DeepSpeed's model-states file holds tensors, plain containers and strings only.
-        states = ckpt_root / tag / "mp_rank_00_model_states.pt"
-        sd = torch.load(states, map_location="cpu", weights_only=True)["module"]
-        return {k: v.float() for k, v in sd.items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints a progress report per call
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root), tag=tag)
 
 
 def print_summary(summary: dict) -> None:

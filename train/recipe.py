@@ -19,7 +19,6 @@ size, gradient accumulation, precision and ZeRO stage.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -31,7 +30,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from communs import UserError
+from common.errors import UserError
+from common.suggest import did_you_mean
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 PHASE_KINDS = ("pretrain", "anneal", "sft", "context-extension")
@@ -165,11 +165,6 @@ class _Origin:
         return RecipeError(f"{self.path}: {key}: {msg}")
 
 
-def _did_you_mean(word: str, candidates: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _join(key: str, name: str | int) -> str:
     if isinstance(name, int):
         return f"{key}[{name}]"
@@ -245,7 +240,7 @@ def _build(cls: type, raw: Any, key: str, origin: _Origin) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for k in raw:
         if k not in names:
-            raise origin.error(_join(key, str(k)), f"unknown key{_did_you_mean(str(k), names)}")
+            raise origin.error(_join(key, str(k)), f"unknown key{did_you_mean(str(k), names)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in raw:
@@ -278,7 +273,7 @@ def _apply_override(raw: dict, text: str, path: str) -> str:
                 known = [str(n) for n in names if n is not None]
                 raise RecipeError(
                     f"{path}: override {text!r}: {key}: no phase {part!r} (phases: {', '.join(known)})"
-                    f"{_did_you_mean(part, known)}"
+                    f"{did_you_mean(part, known)}"
                 )
             key = _join(key, index)
             if last:
@@ -351,7 +346,7 @@ def check_recipe(recipe: Recipe, origin: _Origin | str) -> None:
 
     def one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
         if value not in allowed:
-            raise err(key, f"{value!r} is not one of {', '.join(allowed)}{_did_you_mean(value, allowed)}")
+            raise err(key, f"{value!r} is not one of {', '.join(allowed)}{did_you_mean(value, allowed)}")
 
     if not recipe.name:
         raise err("name", "must not be empty")
@@ -450,11 +445,11 @@ def model_configs(recipe: Recipe, origin: _Origin | str = "recipe") -> list[Any]
         origin = _Origin(origin, {})
     if recipe.model.size not in SIZES:
         raise origin.error("model.size", f"{recipe.model.size!r} is not one of {', '.join(SIZES)}"
-                           f"{_did_you_mean(recipe.model.size, SIZES)}")  # fmt: skip
+                           f"{did_you_mean(recipe.model.size, SIZES)}")  # fmt: skip
     names = [f.name for f in dataclasses.fields(ModelConfig)]
     for k in recipe.model.overrides:
         if k not in names:
-            raise origin.error(f"model.overrides.{k}", f"not a ModelConfig field{_did_you_mean(k, names)}")
+            raise origin.error(f"model.overrides.{k}", f"not a ModelConfig field{did_you_mean(k, names)}")
     try:
         cfg = dataclasses.replace(SIZES[recipe.model.size], **recipe.model.overrides)
     except (ValueError, TypeError) as e:
@@ -496,6 +491,13 @@ class PhasePlan:
     @property
     def tokens(self) -> int:
         return self.steps * self.phase.batch_tokens
+
+    @property
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token at this phase's sequence length (6N + attention), for MFU."""
+        from model.llama import flops_per_token
+
+        return flops_per_token(self.model_cfg, self.phase.seq_len)
 
     @property
     def end_step(self) -> int:  # one past the phase's last global step
@@ -629,7 +631,7 @@ def validate_inputs(
         for src in p.phase.mixture:
             key = f"phases[{p.index}].mixture.{src}"
             if src not in sources:
-                raise err(key, f"not a source of {recipe.data.manifest}{_did_you_mean(src, sources)}")
+                raise err(key, f"not a source of {recipe.data.manifest}{did_you_mean(src, sources)}")
             allowed = (sources[src].get("conditions") or {}).get("phases")
             if allowed and p.phase.kind not in allowed:
                 raise err(

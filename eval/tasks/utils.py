@@ -6,8 +6,8 @@ from pathlib import Path
 
 import datasets
 
+from common.io import iter_jsonl
 from eval.maths import is_correct
-from tokenizer.files import iter_jsonl
 
 DATA = Path(__file__).resolve().parent / "data"
 

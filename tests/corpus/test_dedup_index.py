@@ -12,7 +12,7 @@ import pytest
 
 import corpus.dedup as dedup_mod
 import corpus.pipeline as pipeline_mod
-from communs import UserError
+from common.errors import UserError
 from corpus.dedup import DedupIndex, KeyIndex, lsh_bands
 from corpus.pipeline import curate_to, open_pool
 from corpus.sources import load_sources

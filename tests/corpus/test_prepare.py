@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import communs
-from communs import UserError
+from common.errors import UserError
 from corpus import prepare as prepare_mod
 from corpus.audit import diff_manifests, exposure
 from corpus.loader import PackedReader

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from communs import UserError
+from common.errors import UserError
 from corpus.pipeline import curate
 from corpus.readers import split_text
 from corpus.sources import load_sources

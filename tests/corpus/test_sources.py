@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from communs import UserError
+from common.errors import UserError
 from corpus.licences import Conditions, conditions_for, policy_violation
 from corpus.sources import load_sources
 

@@ -11,7 +11,7 @@ import pytest
 
 import corpus.pipeline as pipeline_mod
 import corpus.readers as readers_mod
-from communs import UserError
+from common.errors import UserError
 from corpus.pipeline import WorkerPool, curate_to, open_pool
 from corpus.sources import load_sources
 from corpus.splits import assign_splits, split_corrections

@@ -1,6 +1,6 @@
 import pytest
 
-from communs import UserError
+from common.errors import UserError
 from eval.cli import read_qa
 
 

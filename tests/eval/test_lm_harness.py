@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from communs import UserError
+from common.errors import UserError
 from eval import lm_harness
 from eval.lm_harness import CommunsLM, cut_at, run_tasks
 from eval.tasks import make_data
 from model.llama import SIZES, Transformer
-from release.export import export_hf
 from tokenizer import Tokenizer, train_tokenizer
+from train.export import export_hf
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_NOVEL = ROOT / "data" / "demo" / "roman19" / "txt" / "Maupassant_UneVie-rd0056.txt"

@@ -7,15 +7,8 @@ import pytest
 import torch
 
 from model import ops
-from model.llama import (
-    IGNORE_INDEX,
-    SIZES,
-    RopeScaling,
-    Transformer,
-    attention_mask,
-    cross_entropy_reference,
-    rope_inv_freq,
-)
+from model.llama import SIZES, RopeScaling, Transformer, cross_entropy_reference, rope_inv_freq
+from model.ops import IGNORE_INDEX, attention_mask
 
 TINY = SIZES["tiny"]
 

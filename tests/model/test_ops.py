@@ -1,17 +1,11 @@
-"""Each fast path in model/ops.py against the reference maths in model/llama.py."""
+"""Each fast path in model/ops.py against the reference maths (model/llama.py, and the attention's in ops)."""
 
 import pytest
 import torch
 
 from model import ops
-from model.llama import (
-    IGNORE_INDEX,
-    apply_rope,
-    attention_mask,
-    attention_reference,
-    cross_entropy_reference,
-    rms_norm,
-)
+from model.llama import apply_rope, cross_entropy_reference, rms_norm
+from model.ops import IGNORE_INDEX, attention_mask, attention_reference
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 gen = torch.Generator().manual_seed(0)

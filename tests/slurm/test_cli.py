@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import communs
-from communs import UserError
+from common.errors import UserError
 from slurm.profiles import load_profile
 from slurm.render import make_launch
 from slurm.submit import plan_training

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from communs import UserError
+from common.errors import UserError
 from slurm.profiles import format_time, list_profiles, load_profile, parse_time
 
 JZ_ENV = {"IDRPROJ": "abc"}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from communs import UserError
+from common.errors import UserError
 from slurm.profiles import load_profile
 from slurm.render import check_time_limit, estimate_step_time, make_launch, render_train_script
 from slurm.submit import (

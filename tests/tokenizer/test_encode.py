@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from communs import UserError
+from common.errors import UserError
 from tokenizer import SEGMENT_BREAK, render_chat
 from tokenizer.core import LONG_TEXT
 

@@ -9,7 +9,7 @@ import random
 import pytest
 import sentencepiece as spm
 
-from communs import UserError
+from common.errors import UserError
 from tokenizer import Tokenizer, check_vocab, read_text, sample_texts, train_tokenizer
 from tokenizer.train import MAX_LINE_CHARS, training_lines
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from communs import UserError
+from common.errors import UserError
 from train import checkpoint as ck
 
 

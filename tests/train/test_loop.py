@@ -189,7 +189,7 @@ def test_a_global_batch_with_nothing_scored_is_a_skipped_step(
         calls["n"] += 1
         if calls["n"] == 3:  # every target of the global batch unscored (an SFT batch of user turns)
             batches = [
-                loop.MicroBatch(mb.input_ids, mb.position_ids, torch.full_like(mb.targets, loop.IGNORE), 0)
+                loop.MicroBatch(mb.input_ids, mb.position_ids, torch.full_like(mb.targets, loop.IGNORE_INDEX), 0)
                 for mb in batches
             ]
         return batches
@@ -301,6 +301,6 @@ def test_micro_batches_mixing_sources_hold_each_window_in_its_slot(tmp_path):
         np.testing.assert_array_equal(got, want)
     mb = loop.make_batch(tokens, positions, scored, torch.device("cpu"))
     assert mb.n_scored == int(scored.sum()) and mb.input_ids.shape == (6, 16)
-    expected = np.where(scored, tokens[:, 1:], loop.IGNORE)
+    expected = np.where(scored, tokens[:, 1:], loop.IGNORE_INDEX)
     np.testing.assert_array_equal(mb.targets.numpy(), expected)
     np.testing.assert_array_equal(mb.input_ids.numpy(), tokens[:, :-1])

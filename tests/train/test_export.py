@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
+from model.hf import load_hf
 from model.llama import SIZES, Transformer
-from release.export import export_hf, load_export
 from tokenizer import Tokenizer, train_tokenizer
+from train.export import export_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -69,7 +70,7 @@ def test_transformers_tokenizer_matches_ours(exported, tokenizer_path, demo_text
 
 def test_load_export_round_trips_the_weights(exported):
     model, cfg, out = exported
-    cfg2, sd = load_export(out)
+    cfg2, sd = load_hf(out)
     assert cfg2 == cfg
     for name, tensor in model.state_dict().items():
         assert torch.equal(sd[name], tensor), name

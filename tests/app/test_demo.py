@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import communs
-from release.demo import SAMPLE_QUESTIONS
+from app.demo import SAMPLE_QUESTIONS
 
 transformers = pytest.importorskip("transformers")
 

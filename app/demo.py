@@ -14,7 +14,8 @@ import os
 import time
 from pathlib import Path
 
-from communs import UserError
+from app.cli import main as communs_main
+from common.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 # Worded like the education phase's tutoring dialogues, with the answer the model should reach.
@@ -35,8 +36,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from communs import main as communs_main
-
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("WANDB_MODE", "offline")
     out = Path(args.out)
@@ -70,11 +69,11 @@ def run_demo(args: argparse.Namespace) -> int:
     export_dir = run_dir / "export" / summary["phases"][-1]["name"]
     if not (export_dir / "model.safetensors").exists():
         raise UserError(f"{export_dir}: the last phase left no exported model")
+    # torch is imported here, not at module load: `communs --help` imports every command module.
     from eval.generation import answer, load_model
-
-    model, tok = load_model(export_dir)
     from eval.maths import is_correct
 
+    model, tok = load_model(export_dir)
     answers = answer(model, tok, list(SAMPLE_QUESTIONS), max_new_tokens=96)
     for (q, expected), a in zip(SAMPLE_QUESTIONS.items(), answers):
         verdict = "right" if is_correct(a, expected) else f"wrong, expected {expected}"
